@@ -1,0 +1,1 @@
+"""Triton kernels for fastinf hot loops, each beside its PyTorch reference."""
