@@ -1,0 +1,126 @@
+"""Configuration as small frozen dataclasses, validated on construction and saved as JSON.
+
+Fields that change a result are part of an artifact's fingerprint; fields that only change
+speed or memory (batch and block sizes) are not, so artifacts stay reusable across machines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CurvatureConfig", "ScoreConfig", "config_from_dict"]
+
+
+def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name}={value!r} is not one of {choices}; pick one of those.")
+
+
+def _check_positive(owner: str, name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name}={value!r} must be a positive integer.")
+
+
+@dataclass(frozen=True)
+class CurvatureConfig:
+    """How the (E)K-FAC approximation of the GGN is fitted (DESIGN §1, §2 step 1)."""
+
+    strategy: str = field(default="ekfac", metadata={"help": "'ekfac' or 'kfac'"})
+    ggn: str = field(
+        default="model",
+        metadata={"help": "'model': GGN of the network under the per-pixel-mean squared error; "
+                  "'loss': empirical Fisher (back-propagate the real loss gradient)"},
+    )
+    mc: str = field(
+        default="sample",
+        metadata={"help": "GGN^model only: 'sample' back-propagates √(2/P)·η, η~N(0,I) per draw; "
+                  "'exact' back-propagates every output direction (tiny models only)"},
+    )
+    kfac_approx: str = field(default="expand", metadata={"help": "'expand' or 'reduce'"})
+    factor_draws: int = field(
+        default=4, metadata={"help": "draws per training example for the K-FAC factors"}
+    )
+    eigval_draws: int = field(
+        default=4, metadata={"help": "fresh draws per example for the EK-FAC eigenvalues"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the fitting draws"})
+    batch_size: int = field(
+        default=256, metadata={"help": "draws per forward/backward pass (speed only)"}
+    )
+
+    def __post_init__(self) -> None:
+        owner = "CurvatureConfig"
+        _check_choice(owner, "strategy", self.strategy, ("ekfac", "kfac"))
+        _check_choice(owner, "ggn", self.ggn, ("model", "loss"))
+        _check_choice(owner, "mc", self.mc, ("sample", "exact"))
+        _check_choice(owner, "kfac_approx", self.kfac_approx, ("expand", "reduce"))
+        _check_positive(owner, "factor_draws", self.factor_draws)
+        _check_positive(owner, "eigval_draws", self.eigval_draws)
+        _check_positive(owner, "batch_size", self.batch_size)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields that change the fitted curvature."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How gradients are estimated, damped and scored (DESIGN §1 Score, §2 steps 2–3)."""
+
+    train_draws: int = field(default=32, metadata={"help": "K: draws per train gradient"})
+    query_draws: int = field(default=64, metadata={"help": "K_q: draws per query gradient"})
+    measurement: str = field(
+        default="loss",
+        metadata={"help": "query measurement: loss, timestep_loss, elbo_simplified, square_norm"},
+    )
+    t_min: int | None = field(default=None, metadata={"help": "timestep_loss: lowest t"})
+    t_max: int | None = field(default=None, metadata={"help": "timestep_loss: highest t"})
+    train_objective: str = field(
+        default="loss", metadata={"help": "'loss' or 'square_norm' (D-TRAK)"}
+    )
+    damping: float = field(default=1e-8, metadata={"help": "λ in W = 1/(Λ + λ)"})
+    damping_mode: str = field(
+        default="absolute",
+        metadata={"help": "'absolute': λ as given; 'relative': λ = damping · mean(Λ) per block"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the gradient draws"})
+    block_size: int = field(
+        default=64, metadata={"help": "training examples per scoring block (speed/memory only)"}
+    )
+    query_batch_size: int = field(
+        default=16, metadata={"help": "queries preconditioned together (speed/memory only)"}
+    )
+    batch_size: int = field(
+        default=512, metadata={"help": "draws per forward/backward pass (speed/memory only)"}
+    )
+
+    def __post_init__(self) -> None:
+        owner = "ScoreConfig"
+        _check_positive(owner, "train_draws", self.train_draws)
+        _check_positive(owner, "query_draws", self.query_draws)
+        _check_positive(owner, "block_size", self.block_size)
+        _check_positive(owner, "query_batch_size", self.query_batch_size)
+        _check_positive(owner, "batch_size", self.batch_size)
+        _check_choice(owner, "train_objective", self.train_objective, ("loss", "square_norm"))
+        _check_choice(owner, "damping_mode", self.damping_mode, ("absolute", "relative"))
+        if not (self.damping >= 0.0):
+            raise ValueError(f"ScoreConfig.damping={self.damping!r} must be >= 0.")
+
+    def query_fingerprint(self) -> dict[str, Any]:
+        """The fields that change a cached preconditioned query."""
+        keys = ("query_draws", "measurement", "t_min", "t_max", "damping", "damping_mode", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+def config_from_dict(cls, values: dict[str, Any]):
+    """Rebuild a config dataclass from JSON, naming unknown keys instead of ignoring them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__} does not know {unknown}; the artifact was written by another "
+            "version of fastinf — refit it with this version."
+        )
+    return cls(**values)

@@ -1,0 +1,196 @@
+"""Which layers carry curvature, and capture of their inputs and output-gradients (DESIGN §1).
+
+Tracked: every `nn.Linear` and `nn.Conv2d` (matched with `isinstance`, so subclasses and
+attention projections count), weight and bias as separate blocks. Everything else —
+normalisation layers (GroupNorm, LayerNorm, BatchNorm), embeddings, other parameters — is
+excluded from both the curvature and the gradients, so scores are over the tracked
+parameters only.
+
+For one forward/backward pass over n items, a tracked layer delivers
+`act` [n, R, d_in] (layer inputs, unfolded for convolutions) and `grad` [n, R, d_out]
+(gradients of the backward seed w.r.t. the layer outputs), with R positions per item.
+A module called several times in one forward contributes each call as more positions;
+its rows are concatenated before delivery, so consumers always see the whole gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerInfo", "capture_layers", "find_layers", "layer_rows"]
+
+EXCLUDED_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A tracked layer: its module, kind and the shapes of its K-FAC blocks."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "linear" or "conv2d"
+    d_in: int
+    d_out: int
+    has_bias: bool
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.module.weight.shape)
+
+
+def _check_conv(name: str, conv: nn.Conv2d) -> None:
+    if conv.groups != 1:
+        raise ValueError(
+            f"layer {name!r}: grouped convolutions (groups={conv.groups}) are not supported by "
+            "K-FAC here; freeze that layer (requires_grad=False) to exclude it."
+        )
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"layer {name!r}: padding_mode={conv.padding_mode!r} is not supported; use 'zeros' "
+            "or freeze that layer (requires_grad=False) to exclude it."
+        )
+
+
+def find_layers(model: nn.Module) -> dict[str, LayerInfo]:
+    """All tracked layers of `model` with trainable weights, keyed by module name, in order.
+
+    Frozen layers (weight.requires_grad False) are skipped: they are not part of θ.
+    """
+    layers: dict[str, LayerInfo] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            kind, d_in = "linear", module.in_features
+        elif isinstance(module, nn.Conv2d):
+            _check_conv(name, module)
+            kind = "conv2d"
+            d_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            continue
+        if not module.weight.requires_grad:
+            continue
+        has_bias = module.bias is not None and module.bias.requires_grad
+        layers[name] = LayerInfo(name, module, kind, d_in, module.weight.shape[0], has_bias)
+    if not layers:
+        raise ValueError(
+            "the model has no trainable nn.Linear or nn.Conv2d layers; fastinf attributes "
+            "through those layers only."
+        )
+    return layers
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        # 'same' with stride 1: symmetric padding exists only for odd effective kernels.
+        pads = []
+        for size, dil in zip(conv.kernel_size, conv.dilation, strict=True):
+            total = dil * (size - 1)
+            if total % 2:
+                raise ValueError(
+                    f"padding='same' with kernel {conv.kernel_size} and dilation "
+                    f"{conv.dilation} pads asymmetrically; use explicit integer padding."
+                )
+            pads.append(total // 2)
+        return (pads[0], pads[1])
+    return tuple(conv.padding)
+
+
+def layer_rows(info: LayerInfo, inputs: Tensor, output_grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows a_r [n, R, d_in] and b_r [n, R, d_out] of one call of a tracked layer."""
+    n = inputs.shape[0]
+    if info.kind == "conv2d":
+        conv = info.module
+        act = F.unfold(
+            inputs,
+            conv.kernel_size,
+            dilation=conv.dilation,
+            padding=_conv_padding(conv),
+            stride=conv.stride,
+        ).transpose(1, 2)
+        grad = output_grad.flatten(2).transpose(1, 2)
+    else:
+        act = inputs.reshape(n, -1, info.d_in)
+        grad = output_grad.reshape(n, -1, info.d_out)
+    return act, grad
+
+
+class _Capture:
+    """Forward hooks that record each tracked call; gradient hooks that deliver complete
+    (act, grad) rows once per layer per backward pass."""
+
+    def __init__(self, layers: dict[str, LayerInfo], consumer: Callable[[str, Tensor, Tensor], None]):
+        self.layers = layers
+        self.consumer = consumer
+        self.handles: list = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.outputs: list[Tensor] = []
+        self.inputs: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+        self.grads: dict[str, dict[int, Tensor]] = {name: {} for name in self.layers}
+
+    def _forward_hook(self, name: str):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            inputs = args[0]
+            if inputs.shape[0] != output.shape[0]:
+                raise RuntimeError(f"layer {name!r}: input and output batch sizes differ.")
+            call = len(self.inputs[name])
+            self.inputs[name].append(inputs.detach())
+            self.outputs.append(output)
+            output.register_hook(self._grad_hook(name, call))
+
+        return hook
+
+    def _grad_hook(self, name: str, call: int):
+        def hook(grad_output):
+            self.grads[name][call] = grad_output.detach()
+            if len(self.grads[name]) == len(self.inputs[name]):
+                self._deliver(name)
+
+        return hook
+
+    def _deliver(self, name: str) -> None:
+        info, calls, grads = self.layers[name], self.inputs[name], self.grads[name]
+        rows = [layer_rows(info, calls[c], grads[c]) for c in sorted(grads)]
+        self.inputs[name], self.grads[name] = [], {}
+        act = torch.cat([r[0] for r in rows], dim=1) if len(rows) > 1 else rows[0][0]
+        grad = torch.cat([r[1] for r in rows], dim=1) if len(rows) > 1 else rows[0][1]
+        self.consumer(name, act, grad)
+
+    def backward(self, model_output: Tensor, seed: Tensor) -> None:
+        """Back-propagate `seed` from `model_output` to the tracked layer outputs only.
+
+        Parameter gradients are never formed (they are not needed: consumers build what
+        they need from the rows), which saves a weight-gradient pass per layer.
+        """
+        torch.autograd.grad(model_output, self.outputs, seed, allow_unused=True)
+        # Calls whose output did not reach the seed have no gradient: deliver the rest.
+        for name in self.layers:
+            if self.grads[name]:
+                self._deliver(name)
+        self.reset()
+
+
+@contextmanager
+def capture_layers(
+    layers: dict[str, LayerInfo], consumer: Callable[[str, Tensor, Tensor], None]
+) -> Iterator[_Capture]:
+    """Hook `layers`; `.backward(output, seed)` on the yielded object calls
+    `consumer(name, act, grad)` once per layer with every call's rows concatenated."""
+    capture = _Capture(layers, consumer)
+    try:
+        for name, info in layers.items():
+            capture.handles.append(info.module.register_forward_hook(capture._forward_hook(name)))
+        yield capture
+    finally:
+        for handle in capture.handles:
+            handle.remove()
