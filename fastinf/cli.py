@@ -1,0 +1,182 @@
+"""Command line: `fastinf train | fit | topk | demo` (run `fastinf COMMAND --help`).
+
+Without `--weights`/`--data` every command uses the embedded default (the shipped digits
+DDPM and scikit-learn's digits). Tensor files may be .safetensors (keys `images`, optional
+`labels`), .pt (a tensor or a dict with those keys) or .npy (images only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .config import CurvatureConfig, ScoreConfig
+from .data import ImageTensorDataset, load_digits_dataset
+from .engine import InfluenceEngine
+from .models import default_schedule, load_digits_model, load_unet, schedule_from_sidecar
+
+__all__ = ["main"]
+
+
+def load_tensors(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels or None) from a .safetensors, .pt or .npy file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path)), None
+    if path.suffix == ".safetensors":
+        content = load_file(str(path))
+    elif path.suffix == ".pt":
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{path}: use a .safetensors, .pt or .npy file.")
+    if isinstance(content, torch.Tensor):
+        return content, None
+    if "images" not in content:
+        raise ValueError(f"{path} has no 'images' entry (found {sorted(content)}).")
+    return content["images"], content.get("labels")
+
+
+def _engine(args, config: ScoreConfig | None = None) -> InfluenceEngine:
+    if args.weights:
+        from .models import load_sidecar
+
+        model = load_unet(args.weights)
+        schedule = schedule_from_sidecar(load_sidecar(args.weights))
+    else:
+        model, schedule = load_digits_model(), default_schedule()
+    if args.data:
+        images, labels = load_tensors(args.data)
+        data = ImageTensorDataset(images.float(), labels)
+    else:
+        data = load_digits_dataset()
+    return InfluenceEngine(model, schedule, data, config=config)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", help="UNet .safetensors with its JSON sidecar (default: digits)")
+    parser.add_argument("--data", help="training images file (default: scikit-learn digits)")
+
+
+def _score_config(args) -> ScoreConfig:
+    return ScoreConfig(
+        train_draws=args.train_draws,
+        query_draws=args.query_draws,
+        measurement=args.measurement,
+        damping=args.damping,
+        damping_mode=args.damping_mode,
+        block_size=args.block_size,
+    )
+
+
+def _cmd_train(args) -> int:
+    from .train import train_digits
+
+    path = train_digits(args.out, steps=args.steps, seed=args.seed)
+    print(f"weights written to {path}")
+    return 0
+
+
+def _cmd_fit(args) -> int:
+    engine = _engine(args)
+    config = CurvatureConfig(
+        strategy=args.strategy, ggn=args.ggn, kfac_approx=args.approx,
+        factor_draws=args.factor_draws, eigval_draws=args.eigval_draws, seed=args.seed,
+    )
+    start = time.perf_counter()
+    engine.fit(config)
+    engine.save_curvature(args.out)
+    print(f"curvature fitted in {time.perf_counter() - start:.1f}s and saved to {args.out}")
+    return 0
+
+
+def _cmd_topk(args) -> int:
+    engine = _engine(args, _score_config(args))
+    engine.load_curvature(args.curvature)
+    if args.queries:
+        queries, cond = load_tensors(args.queries)
+    else:
+        from .sampling import sample_ddpm
+
+        queries, cond = sample_ddpm(engine.model, engine.schedule, args.generate, seed=args.seed), None
+    result = engine.score(queries.to(engine.dtype), k=args.k, cond=cond)
+    text = json.dumps(result.to_dict(), indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"top-{args.k} proponents and opponents of {queries.shape[0]} queries in {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, num_queries=args.queries, k=args.k, seed=args.seed)
+    print(json.dumps(summary["timings"]))
+    print(f"grid: {Path(args.out) / 'grid.png'}  results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastinf", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train the default digits DDPM (reproduces the shipped weights)")
+    train.add_argument("--out", required=True)
+    train.add_argument("--steps", type=int, default=8000)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=_cmd_train)
+
+    fit = commands.add_parser("fit", help="fit (E)K-FAC curvature on the training set")
+    _add_model_args(fit)
+    fit.add_argument("--out", required=True, help="directory for the curvature artifact")
+    fit.add_argument("--strategy", choices=["ekfac", "kfac"], default="ekfac")
+    fit.add_argument("--ggn", choices=["model", "loss"], default="model")
+    fit.add_argument("--approx", choices=["expand", "reduce"], default="expand")
+    fit.add_argument("--factor-draws", type=int, default=CurvatureConfig.factor_draws)
+    fit.add_argument("--eigval-draws", type=int, default=CurvatureConfig.eigval_draws)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.set_defaults(run=_cmd_fit)
+
+    topk = commands.add_parser("topk", help="top proponents and opponents of query images")
+    _add_model_args(topk)
+    topk.add_argument("--curvature", required=True, help="directory written by `fastinf fit`")
+    source = topk.add_mutually_exclusive_group(required=True)
+    source.add_argument("--queries", help="query images file")
+    source.add_argument("--generate", type=int, help="sample this many queries from the model")
+    topk.add_argument("--k", type=int, default=10)
+    topk.add_argument("--train-draws", type=int, default=ScoreConfig.train_draws)
+    topk.add_argument("--query-draws", type=int, default=ScoreConfig.query_draws)
+    topk.add_argument("--measurement", default="loss")
+    topk.add_argument("--damping", type=float, default=ScoreConfig.damping)
+    topk.add_argument("--damping-mode", choices=["absolute", "relative"], default="absolute")
+    topk.add_argument("--block-size", type=int, default=ScoreConfig.block_size)
+    topk.add_argument("--seed", type=int, default=0, help="sampling seed for --generate")
+    topk.add_argument("--out", help="write the JSON here instead of printing it")
+    topk.set_defaults(run=_cmd_topk)
+
+    demo = commands.add_parser("demo", help="sample, fit, attribute and draw the grid on the digits default")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--queries", type=int, default=8)
+    demo.add_argument("--k", type=int, default=6)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"fastinf {args.command}: error: {error}", file=sys.stderr)
+        return 2
