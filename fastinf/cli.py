@@ -62,7 +62,9 @@ def _engine(args, config: ScoreConfig | None = None) -> InfluenceEngine:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", help="UNet .safetensors with its JSON sidecar (default: digits)")
+    parser.add_argument(
+        "--weights", help="UNet .safetensors with its JSON sidecar (default: digits)"
+    )
     parser.add_argument("--data", help="training images file (default: scikit-learn digits)")
 
 
@@ -88,8 +90,12 @@ def _cmd_train(args) -> int:
 def _cmd_fit(args) -> int:
     engine = _engine(args)
     config = CurvatureConfig(
-        strategy=args.strategy, ggn=args.ggn, kfac_approx=args.approx,
-        factor_draws=args.factor_draws, eigval_draws=args.eigval_draws, seed=args.seed,
+        strategy=args.strategy,
+        ggn=args.ggn,
+        kfac_approx=args.approx,
+        factor_draws=args.factor_draws,
+        eigval_draws=args.eigval_draws,
+        seed=args.seed,
     )
     start = time.perf_counter()
     engine.fit(config)
@@ -106,7 +112,10 @@ def _cmd_topk(args) -> int:
     else:
         from .sampling import sample_ddpm
 
-        queries, cond = sample_ddpm(engine.model, engine.schedule, args.generate, seed=args.seed), None
+        queries, cond = (
+            sample_ddpm(engine.model, engine.schedule, args.generate, seed=args.seed),
+            None,
+        )
     result = engine.score(queries.to(engine.dtype), k=args.k, cond=cond)
     text = json.dumps(result.to_dict(), indent=1)
     if args.out:
@@ -130,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastinf", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train the default digits DDPM (reproduces the shipped weights)")
+    train = commands.add_parser(
+        "train", help="train the default digits DDPM (reproduces the shipped weights)"
+    )
     train.add_argument("--out", required=True)
     train.add_argument("--steps", type=int, default=8000)
     train.add_argument("--seed", type=int, default=0)
@@ -164,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     topk.add_argument("--out", help="write the JSON here instead of printing it")
     topk.set_defaults(run=_cmd_topk)
 
-    demo = commands.add_parser("demo", help="sample, fit, attribute and draw the grid on the digits default")
+    demo = commands.add_parser(
+        "demo", help="sample, fit, attribute and draw the grid on the digits default"
+    )
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--queries", type=int, default=8)
     demo.add_argument("--k", type=int, default=6)

@@ -30,13 +30,17 @@ class CurvatureConfig:
     strategy: str = field(default="ekfac", metadata={"help": "'ekfac' or 'kfac'"})
     ggn: str = field(
         default="model",
-        metadata={"help": "'model': GGN of the network under the per-pixel-mean squared error; "
-                  "'loss': empirical Fisher (back-propagate the real loss gradient)"},
+        metadata={
+            "help": "'model': GGN of the network under the per-pixel-mean squared error; "
+            "'loss': empirical Fisher (back-propagate the real loss gradient)"
+        },
     )
     mc: str = field(
         default="sample",
-        metadata={"help": "GGN^model only: 'sample' back-propagates √(2/P)·η, η~N(0,I) per draw; "
-                  "'exact' back-propagates every output direction (tiny models only)"},
+        metadata={
+            "help": "GGN^model only: 'sample' back-propagates √(2/P)·η, η~N(0,I) per draw; "
+            "'exact' back-propagates every output direction (tiny models only)"
+        },
     )
     kfac_approx: str = field(default="expand", metadata={"help": "'expand' or 'reduce'"})
     factor_draws: int = field(

@@ -19,6 +19,7 @@ from .artifacts import check_provenance, load_artifact, save_artifact
 from .config import CurvatureConfig, config_from_dict
 from .diffusion import NoiseSchedule, Purpose
 from .gradients import DrawSpec, backprop_curvature_seed, example_blocks
+from .kernels import eigval_accumulate
 from .layers import LayerInfo, capture_layers
 from .progress import progress_bar
 
@@ -60,8 +61,14 @@ class _FactorSums:
 
     def __init__(self, layers: dict[str, LayerInfo], approx: str, device):
         self.approx = approx
-        self.act = {n: torch.zeros(i.d_in, i.d_in, dtype=torch.float64, device=device) for n, i in layers.items()}
-        self.grad = {n: torch.zeros(i.d_out, i.d_out, dtype=torch.float64, device=device) for n, i in layers.items()}
+        self.act = {
+            n: torch.zeros(i.d_in, i.d_in, dtype=torch.float64, device=device)
+            for n, i in layers.items()
+        }
+        self.grad = {
+            n: torch.zeros(i.d_out, i.d_out, dtype=torch.float64, device=device)
+            for n, i in layers.items()
+        }
         self.act_count = dict.fromkeys(layers, 0)
 
     def __call__(self, name: str, act: Tensor, grad: Tensor) -> None:
@@ -79,6 +86,8 @@ class _FactorSums:
 class _EigvalSums:
     """Consumer accumulating Σ_d (Q_Sᵀ G_d Q_A)^∘2 (and the bias analogue) per layer."""
 
+    _CHUNK = 64  # draws per kernel call: bounds the reference path's [D, d_out, d_in] memory
+
     def __init__(self, layers: dict[str, LayerInfo], curvature: dict[str, LayerCurvature]):
         self.layers = layers
         self.eigvecs = {n: (c.eigvecs_act, c.eigvecs_grad) for n, c in curvature.items()}
@@ -88,11 +97,9 @@ class _EigvalSums:
     def __call__(self, name: str, act: Tensor, grad: Tensor) -> None:
         act, grad = _upcast(act), _upcast(grad)
         eigvecs_act, eigvecs_grad = (q.to(act.dtype) for q in self.eigvecs[name])
-        proj_act, proj_grad = act @ eigvecs_act, grad @ eigvecs_grad
-        for start in range(0, act.shape[0], 64):
-            chunk = slice(start, start + 64)
-            projected = torch.einsum("nro,nri->noi", proj_grad[chunk], proj_act[chunk])
-            self.weight[name] += projected.square().sum(0).double()
+        for start in range(0, act.shape[0], self._CHUNK):
+            chunk = slice(start, start + self._CHUNK)
+            eigval_accumulate(act[chunk], grad[chunk], eigvecs_act, eigvecs_grad, self.weight[name])
         if self.layers[name].has_bias:
             self.bias[name] += (grad.sum(1) @ eigvecs_grad).double().square().sum(0)
 
@@ -118,7 +125,9 @@ class Curvature:
     (G + λI)⁻¹ block by block; `project`/`inverse_damped` expose the eigenbasis.
     """
 
-    def __init__(self, layers: dict[str, LayerCurvature], config: CurvatureConfig, provenance: dict):
+    def __init__(
+        self, layers: dict[str, LayerCurvature], config: CurvatureConfig, provenance: dict
+    ):
         self.layers = layers
         self.config = config
         self.provenance = provenance
@@ -172,7 +181,9 @@ class Curvature:
 
     def to(self, device) -> Curvature:
         moved = {
-            name: LayerCurvature(**{k: None if v is None else v.to(device) for k, v in vars(c).items()})
+            name: LayerCurvature(
+                **{k: None if v is None else v.to(device) for k, v in vars(c).items()}
+            )
             for name, c in self.layers.items()
         }
         return Curvature(moved, self.config, self.provenance)
@@ -205,9 +216,26 @@ def _draws_per_item(config: CurvatureConfig, sample_shape) -> int:
     return math.prod(sample_shape) if (config.mc == "exact" and config.ggn == "model") else 1
 
 
-def _curvature_pass(model, layers, schedule, dataset, consumer, config, purpose, num_draws, *, desc, indices, num_workers):
+def _curvature_pass(
+    model,
+    layers,
+    schedule,
+    dataset,
+    consumer,
+    config,
+    purpose,
+    num_draws,
+    *,
+    desc,
+    indices,
+    num_workers,
+):
     """Run the curvature seeds over every example × `num_draws` draws; return #draws."""
-    sample_shape = tuple(dataset[0][0].shape) if isinstance(dataset[0], (tuple, list)) else tuple(dataset[0].shape)
+    sample_shape = (
+        tuple(dataset[0][0].shape)
+        if isinstance(dataset[0], (tuple, list))
+        else tuple(dataset[0].shape)
+    )
     per_item = _draws_per_item(config, sample_shape) * num_draws
     examples_per_block = max(1, config.batch_size // per_item)
     device = next(model.parameters()).device
@@ -217,7 +245,9 @@ def _curvature_pass(model, layers, schedule, dataset, consumer, config, purpose,
         for block in example_blocks(dataset, examples_per_block, indices, num_workers):
             block = type(block)(block.ids, block.images.to(device), block.cond)
             spec = DrawSpec(purpose, num_draws, config.seed)
-            backprop_curvature_seed(capture, model, schedule, block, spec, ggn=config.ggn, mc=config.mc)
+            backprop_curvature_seed(
+                capture, model, schedule, block, spec, ggn=config.ggn, mc=config.mc
+            )
             draws += block.ids.numel() * num_draws
             bar.update(block.ids.numel())
     return draws
@@ -228,7 +258,7 @@ def fit_curvature(
     layers: dict[str, LayerInfo],
     schedule: NoiseSchedule,
     dataset,
-    config: CurvatureConfig = CurvatureConfig(),
+    config: CurvatureConfig | None = None,
     *,
     provenance: dict | None = None,
     indices: list[int] | None = None,
@@ -239,14 +269,24 @@ def fit_curvature(
 
     The model is run in eval mode. Returns a `Curvature` on the model's device.
     """
+    config = config or CurvatureConfig()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         sums = _FactorSums(layers, config.kfac_approx, device)
         num_draws = _curvature_pass(
-            model, layers, schedule, dataset, sums, config, Purpose.FIT_FACTORS,
-            config.factor_draws, desc="fit factors", indices=indices, num_workers=num_workers,
+            model,
+            layers,
+            schedule,
+            dataset,
+            sums,
+            config,
+            Purpose.FIT_FACTORS,
+            config.factor_draws,
+            desc="fit factors",
+            indices=indices,
+            num_workers=num_workers,
         )
         fitted = {}
         for name in layers:
@@ -257,15 +297,29 @@ def fit_curvature(
             eigvals_act, eigvecs_act = _eigh(act_cov)
             eigvals_grad, eigvecs_grad = _eigh(grad_cov)
             fitted[name] = LayerCurvature(
-                act_cov, grad_cov, eigvals_act, eigvecs_act, eigvals_grad, eigvecs_grad,
+                act_cov,
+                grad_cov,
+                eigvals_act,
+                eigvecs_act,
+                eigvals_grad,
+                eigvecs_grad,
                 torch.outer(eigvals_grad, eigvals_act),
                 eigvals_grad.clone() if layers[name].has_bias else None,
             )
         if config.strategy == "ekfac":
             eig = _EigvalSums(layers, fitted)
             eig_draws = _curvature_pass(
-                model, layers, schedule, dataset, eig, config, Purpose.FIT_EIGVALS,
-                config.eigval_draws, desc="fit eigenvalues", indices=indices, num_workers=num_workers,
+                model,
+                layers,
+                schedule,
+                dataset,
+                eig,
+                config,
+                Purpose.FIT_EIGVALS,
+                config.eigval_draws,
+                desc="fit eigenvalues",
+                indices=indices,
+                num_workers=num_workers,
             )
             for name, layer in fitted.items():
                 layer.eigvals_weight = eig.weight[name] / eig_draws

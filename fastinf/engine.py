@@ -1,8 +1,8 @@
 """The engine a service loads once and calls many times, and `topk_influencers`.
 
-    engine = InfluenceEngine(model, schedule, train_set)
-    engine.fit()                                  # or engine.load_curvature(directory)
-    result = engine.topk(generated_images, k=10)  # proponents and opponents per query
+engine = InfluenceEngine(model, schedule, train_set)
+engine.fit()                                  # or engine.load_curvature(directory)
+result = engine.topk(generated_images, k=10)  # proponents and opponents per query
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from .curvature import Curvature, LayerGrads, fit_curvature
 from .data import validate_images
 from .diffusion import NoiseSchedule, Purpose, resolve_measurement
 from .gradients import DrawSpec, ExampleBlock, PerExampleGradients, example_blocks, run_block
+from .kernels import empty_topk, topk_merge
 from .layers import capture_layers, find_layers
 from .models import as_eps_model
 from .progress import progress_bar
-from .scoring import InfluenceResult, QueryCache, ScoreAccumulator, TopK, empty_topk, topk_merge
+from .scoring import InfluenceResult, QueryCache, ScoreAccumulator, TopK
 
 __all__ = ["InfluenceEngine", "topk_influencers"]
 
@@ -82,11 +83,19 @@ class InfluenceEngine:
         return next(self.model.parameters()).dtype
 
     # -- curvature -------------------------------------------------------------------------
-    def fit(self, config: CurvatureConfig | None = None, indices: list[int] | None = None) -> Curvature:
+    def fit(
+        self, config: CurvatureConfig | None = None, indices: list[int] | None = None
+    ) -> Curvature:
         """Fit (E)K-FAC on the training set (or the examples `indices`) and keep it."""
         self.curvature = fit_curvature(
-            self.model, self.layers, self.schedule, self.train_set, config or CurvatureConfig(),
-            provenance=self.provenance, indices=indices, num_workers=self.num_workers,
+            self.model,
+            self.layers,
+            self.schedule,
+            self.train_set,
+            config or CurvatureConfig(),
+            provenance=self.provenance,
+            indices=indices,
+            num_workers=self.num_workers,
         )
         return self.curvature
 
@@ -114,7 +123,13 @@ class InfluenceEngine:
             cond = cond.to(self.device)
         ids = []
         for row in range(images.shape[0]):
-            key = images[row] if cond is None else torch.cat([images[row].flatten().cpu(), cond[row : row + 1].cpu().to(images.dtype)])
+            key = (
+                images[row]
+                if cond is None
+                else torch.cat(
+                    [images[row].flatten().cpu(), cond[row : row + 1].cpu().to(images.dtype)]
+                )
+            )
             ids.append(int(tensor_fingerprint(key)[:7], 16))
         return ExampleBlock(torch.tensor(ids, dtype=torch.int64), images, cond)
 
@@ -134,12 +149,23 @@ class InfluenceEngine:
 
     def _query_spec(self) -> DrawSpec:
         t_range = self._measurement().timestep_range(self.schedule.num_timesteps)
-        return DrawSpec(Purpose.QUERY_GRADIENT, self.config.query_draws, self.config.seed, 0, t_range)
+        return DrawSpec(
+            Purpose.QUERY_GRADIENT, self.config.query_draws, self.config.seed, 0, t_range
+        )
 
     def _gradients(self, block: ExampleBlock, spec: DrawSpec, measurement) -> LayerGrads:
         consumer = PerExampleGradients(self.layers)
         with self._eval(), capture_layers(self.layers, consumer) as capture:
-            run_block(capture, consumer, self.model, self.schedule, block, measurement, spec, self.config.batch_size)
+            run_block(
+                capture,
+                consumer,
+                self.model,
+                self.schedule,
+                block,
+                measurement,
+                spec,
+                self.config.batch_size,
+            )
         return consumer.grads()
 
     def query_meta(self) -> dict:
@@ -158,10 +184,17 @@ class InfluenceEngine:
         step = self.config.query_batch_size
         for start in range(0, block.ids.numel(), step):
             part = slice(start, start + step)
-            sub = ExampleBlock(block.ids[part], block.images[part], None if block.cond is None else block.cond[part])
+            sub = ExampleBlock(
+                block.ids[part],
+                block.images[part],
+                None if block.cond is None else block.cond[part],
+            )
             grads = self._gradients(sub, self._query_spec(), self._measurement())
             pre = curvature.precondition(grads, self.config.damping, self.config.damping_mode)
-            pre = {n: (w.to(self.dtype), None if b is None else b.to(self.dtype)) for n, (w, b) in pre.items()}
+            pre = {
+                n: (w.to(self.dtype), None if b is None else b.to(self.dtype))
+                for n, (w, b) in pre.items()
+            }
             parts.append(QueryCache(pre, sub.ids, self.query_meta()))
         return QueryCache.concat(parts)
 
@@ -190,24 +223,44 @@ class InfluenceEngine:
         accumulator = ScoreAccumulator(self.layers, cache)
         objective = resolve_measurement(self.config.train_objective)
         spec = DrawSpec(Purpose.TRAIN_GRADIENT, self.config.train_draws, self.config.seed)
-        top = empty_topk(cache.num_queries, k, largest=True)
-        bottom = empty_topk(cache.num_queries, k, largest=False)
-        columns = []
+        top = empty_topk(cache.num_queries, k, largest=True, dtype=torch.float64)
+        bottom = empty_topk(cache.num_queries, k, largest=False, dtype=torch.float64)
+        columns, seen = [], 0
         with (
             self._eval(),
             capture_layers(self.layers, accumulator) as capture,
             progress_bar(total, "score train") as bar,
         ):
-            for block in example_blocks(self.train_set, self.config.block_size, indices, self.num_workers):
+            for block in example_blocks(
+                self.train_set, self.config.block_size, indices, self.num_workers
+            ):
                 block = self._train_block(block)
-                run_block(capture, accumulator, self.model, self.schedule, block, objective, spec, self.config.batch_size)
-                top = topk_merge(*top, accumulator.scores, block.ids, largest=True)
-                bottom = topk_merge(*bottom, accumulator.scores, block.ids, largest=False)
+                run_block(
+                    capture,
+                    accumulator,
+                    self.model,
+                    self.schedule,
+                    block,
+                    objective,
+                    spec,
+                    self.config.batch_size,
+                )
+                # The running top-k holds positions in the scoring order; ties go to the earlier.
+                top = topk_merge(*top, accumulator.scores, seen, largest=True)
+                bottom = topk_merge(*bottom, accumulator.scores, seen, largest=False)
                 if return_scores:
                     columns.append(accumulator.scores.T.clone())
+                seen += block.ids.numel()
                 bar.update(block.ids.numel())
         scores = torch.cat(columns, dim=1) if return_scores else None
-        return InfluenceResult(TopK(top[1], top[0]), TopK(bottom[1], bottom[0]), scores, cache.query_ids)
+        order = (
+            torch.arange(total) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+        )
+        proponents, opponents = (
+            TopK(torch.where(pos >= 0, order[pos.clamp_min(0)], -1), values)
+            for values, pos in (top, bottom)
+        )
+        return InfluenceResult(proponents, opponents, scores, cache.query_ids)
 
     topk = score
 
@@ -240,7 +293,9 @@ class InfluenceEngine:
             projected = curvature.project(grads)
             total = 0.0
             for name, (weight, bias) in projected.items():
-                inv_w, inv_b = curvature.inverse_damped(name, self.config.damping, self.config.damping_mode)
+                inv_w, inv_b = curvature.inverse_damped(
+                    name, self.config.damping, self.config.damping_mode
+                )
                 total = total + (weight.square() * inv_w).flatten(1).sum(1)
                 if bias is not None:
                     total = total + (bias.square() * inv_b).sum(1)

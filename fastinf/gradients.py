@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from .diffusion import Measurement, NoiseSchedule, make_draws, output_noise
 
 __all__ = [
+    "BlockConsumer",
     "DrawSpec",
     "ExampleBlock",
-    "BlockConsumer",
     "PerExampleGradients",
     "backprop_curvature_seed",
     "backprop_objective",
@@ -183,11 +183,14 @@ def backprop_curvature_seed(
         seed = math.sqrt(2.0 / num_pixels) * directions.reshape(eps_pred.shape)
         capture.backward(eps_pred, seed)
         return
-    eps_pred, noise, timesteps = _forward_draws(model, schedule, block, spec)
+    eps_pred, noise, _ = _forward_draws(model, schedule, block, spec)
     if ggn == "model":
         eta = output_noise(
-            block.ids, spec.draw_ids(), tuple(block.images.shape[1:]),
-            purpose=spec.purpose, seed=spec.seed,
+            block.ids,
+            spec.draw_ids(),
+            tuple(block.images.shape[1:]),
+            purpose=spec.purpose,
+            seed=spec.seed,
         )
         num_pixels = math.prod(block.images.shape[1:])
         seed = math.sqrt(2.0 / num_pixels) * eta.flatten(0, 1).to(eps_pred)

@@ -125,7 +125,9 @@ class _Capture:
     """Forward hooks that record each tracked call; gradient hooks that deliver complete
     (act, grad) rows once per layer per backward pass."""
 
-    def __init__(self, layers: dict[str, LayerInfo], consumer: Callable[[str, Tensor, Tensor], None]):
+    def __init__(
+        self, layers: dict[str, LayerInfo], consumer: Callable[[str, Tensor, Tensor], None]
+    ):
         self.layers = layers
         self.consumer = consumer
         self.handles: list = []

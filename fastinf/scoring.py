@@ -18,7 +18,7 @@ from .artifacts import check_provenance, load_artifact, save_artifact
 from .curvature import LayerGrads
 from .gradients import BlockConsumer
 
-__all__ = ["InfluenceResult", "QueryCache", "ScoreAccumulator", "TopK", "topk_merge"]
+__all__ = ["InfluenceResult", "QueryCache", "ScoreAccumulator", "TopK"]
 
 
 @dataclass
@@ -63,7 +63,9 @@ class QueryCache:
             tensors[f"{name}::weight"] = weight
             if bias is not None:
                 tensors[f"{name}::bias"] = bias
-        save_artifact(directory, "queries", tensors, {"meta": self.meta, "layers": list(self.preconditioned)})
+        save_artifact(
+            directory, "queries", tensors, {"meta": self.meta, "layers": list(self.preconditioned)}
+        )
 
     @classmethod
     def load(cls, directory, expected_meta: dict | None = None) -> QueryCache:
@@ -136,26 +138,3 @@ class InfluenceResult:
             "proponents": self.proponents.to_lists(),
             "opponents": self.opponents.to_lists(),
         }
-
-
-def topk_merge(
-    run_values: Tensor, run_indices: Tensor, block_scores: Tensor, block_indices: Tensor, largest: bool
-) -> tuple[Tensor, Tensor]:
-    """Merge a running top-k [Q, k] with a block of scores [B, Q] for examples `block_indices`.
-
-    Ties go to the smaller example index, so the result never depends on block size.
-    """
-    k = run_values.shape[1]
-    values = torch.cat([run_values, block_scores.T.to(run_values)], dim=1)
-    indices = torch.cat([run_indices, block_indices.expand(values.shape[0], -1)], dim=1)
-    # Sort by index first, then stably by value: equal values keep ascending index order.
-    by_index = torch.argsort(indices, dim=1, stable=True)
-    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
-    order = torch.argsort(values, dim=1, descending=largest, stable=True)[:, :k]
-    return values.gather(1, order), indices.gather(1, order)
-
-
-def empty_topk(num_queries: int, k: int, largest: bool) -> tuple[Tensor, Tensor]:
-    fill = float("-inf") if largest else float("inf")
-    values = torch.full((num_queries, k), fill, dtype=torch.float64)
-    return values, torch.full((num_queries, k), -1, dtype=torch.int64)

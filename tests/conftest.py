@@ -1,4 +1,5 @@
-"""Tiny models and datasets shared by the tests (float64 where exactness is checked)."""
+"""Shared fixtures. Kernel tests run under the Triton interpreter when there is no GPU:
+TRITON_INTERPRET must be set before triton is first imported (diffusers imports it early)."""
 
 from __future__ import annotations
 
@@ -6,56 +7,14 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FASTINF_PROGRESS", "0")
 
-from fastinf.data import ImageTensorDataset  # noqa: E402
-from fastinf.diffusion import NoiseSchedule  # noqa: E402
+from fastinf.diffusion import NoiseSchedule
 
-
-class LinearEps(nn.Module):
-    """ε̂ = W x_t: one linear layer on the flattened input (one position per draw)."""
-
-    def __init__(self, sample_shape=(1, 2, 2), bias=False):
-        super().__init__()
-        self.sample_shape = sample_shape
-        size = sample_shape[0] * sample_shape[1] * sample_shape[2]
-        self.linear = nn.Linear(size, size, bias=bias)
-
-    def forward(self, x_t, timesteps, cond=None):
-        return self.linear(x_t.flatten(1)).reshape(x_t.shape)
-
-
-class TinyConvEps(nn.Module):
-    """Two convolutions, a time-embedding Linear, a conv called twice (shared weights)."""
-
-    def __init__(self, channels=3, sample_shape=(2, 5, 5)):
-        super().__init__()
-        self.sample_shape = sample_shape
-        in_ch = sample_shape[0]
-        self.conv_in = nn.Conv2d(in_ch, channels, 3, padding=1)
-        self.time = nn.Linear(2, channels)
-        self.shared = nn.Conv2d(channels, channels, 3, padding=2, dilation=2)
-        self.down = nn.Conv2d(channels, channels, 2, stride=2, padding=1)
-        self.norm = nn.GroupNorm(1, channels)
-        self.conv_out = nn.Conv2d(channels, in_ch, 3, padding=1)
-
-    def forward(self, x_t, timesteps, cond=None):
-        t = timesteps.to(x_t.dtype).unsqueeze(1) / 1000.0
-        temb = self.time(torch.cat([torch.sin(t), torch.cos(t)], dim=1))
-        h = torch.tanh(self.conv_in(x_t) + temb[:, :, None, None])
-        h = torch.tanh(self.shared(h))
-        h = self.norm(self.shared(h))
-        coarse = self.down(h)
-        h = h + nn.functional.interpolate(coarse, size=h.shape[-2:], mode="nearest")
-        return self.conv_out(h)
-
-
-def random_dataset(count, sample_shape, seed=0, dtype=torch.float64, labels=None):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(count, *sample_shape, generator=generator, dtype=dtype) * 2 - 1
-    return ImageTensorDataset(images, labels)
+from tiny import TinyConvEps, random_dataset
 
 
 @pytest.fixture

@@ -44,11 +44,15 @@ def test_draw_statistics():
 def test_schedule_matches_diffusers_scheduler():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     schedule = NoiseSchedule.from_scheduler(scheduler)
-    torch.testing.assert_close(schedule.alphas_cumprod, NoiseSchedule.linear().alphas_cumprod, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        schedule.alphas_cumprod, NoiseSchedule.linear().alphas_cumprod, rtol=1e-6, atol=0
+    )
     torch.testing.assert_close(schedule.betas.float(), scheduler.betas, rtol=1e-4, atol=1e-7)
     x0, noise = torch.randn(4, 1, 3, 3), torch.randn(4, 1, 3, 3)
     t = torch.tensor([0, 10, 500, 999])
-    torch.testing.assert_close(schedule.add_noise(x0, noise, t), scheduler.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        schedule.add_noise(x0, noise, t), scheduler.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(ValueError, match=r"values in \(0, 1\]"):
         NoiseSchedule(torch.tensor([1.0, 0.0]))
 
@@ -62,8 +66,12 @@ def test_measurements_values():
     betas = schedule.betas
     weights = betas / (2 * (1 - betas) * (1 - schedule.alphas_cumprod))
     elbo = MEASUREMENTS["elbo_simplified"](eps_pred, eps, t, schedule)
-    torch.testing.assert_close(elbo, (10 * weights[t]).float() * ((eps - eps_pred) ** 2).sum((1, 2, 3)))
-    torch.testing.assert_close(MEASUREMENTS["square_norm"](eps_pred, eps, t, schedule), (eps_pred**2).mean((1, 2, 3)))
+    torch.testing.assert_close(
+        elbo, (10 * weights[t]).float() * ((eps - eps_pred) ** 2).sum((1, 2, 3))
+    )
+    torch.testing.assert_close(
+        MEASUREMENTS["square_norm"](eps_pred, eps, t, schedule), (eps_pred**2).mean((1, 2, 3))
+    )
 
 
 def test_resolve_measurement():

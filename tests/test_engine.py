@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TinyConvEps, random_dataset
 
 import fastinf
 from fastinf.artifacts import ArtifactCorruptError, ArtifactMismatchError
@@ -13,23 +12,40 @@ from fastinf.diffusion import NoiseSchedule
 from fastinf.engine import InfluenceEngine
 from fastinf.scoring import QueryCache
 
+from tiny import TinyConvEps, random_dataset
+
 CONFIG = ScoreConfig(train_draws=2, query_draws=2, damping=1e-3)
 
 
 @pytest.fixture
 def engine():
     torch.manual_seed(0)
-    engine = InfluenceEngine(TinyConvEps().double(), NoiseSchedule.linear(50), random_dataset(5, (2, 5, 5)), config=CONFIG)
+    engine = InfluenceEngine(
+        TinyConvEps().double(),
+        NoiseSchedule.linear(50),
+        random_dataset(5, (2, 5, 5)),
+        config=CONFIG,
+    )
     engine.fit(CurvatureConfig(factor_draws=1, eigval_draws=1))
     return engine
 
 
 def test_public_api_is_pinned():
-    assert sorted(fastinf.__all__) == sorted([
-        "ArtifactCorruptError", "ArtifactMismatchError", "CurvatureConfig", "CurvatureError",
-        "InfluenceEngine", "InfluenceResult", "NoiseSchedule", "QueryCache", "ScoreConfig",
-        "TopK", "topk_influencers",
-    ])
+    assert sorted(fastinf.__all__) == sorted(
+        [
+            "ArtifactCorruptError",
+            "ArtifactMismatchError",
+            "CurvatureConfig",
+            "CurvatureError",
+            "InfluenceEngine",
+            "InfluenceResult",
+            "NoiseSchedule",
+            "QueryCache",
+            "ScoreConfig",
+            "TopK",
+            "topk_influencers",
+        ]
+    )
     for name in fastinf.__all__:
         assert getattr(fastinf, name).__doc__
 
@@ -74,7 +90,9 @@ def test_nan_training_example_is_named_with_its_index():
 
 
 def test_score_without_curvature_says_how_to_fix():
-    engine = InfluenceEngine(TinyConvEps().double(), NoiseSchedule.linear(50), random_dataset(3, (2, 5, 5)))
+    engine = InfluenceEngine(
+        TinyConvEps().double(), NoiseSchedule.linear(50), random_dataset(3, (2, 5, 5))
+    )
     with pytest.raises(RuntimeError, match=r"engine.fit\(\)"):
         engine.score(torch.zeros(1, 2, 5, 5, dtype=torch.float64))
 
@@ -86,7 +104,9 @@ def test_curvature_roundtrip_gives_identical_scores(engine, tmp_path):
     engine.curvature = None
     engine.load_curvature(tmp_path)
     # Saved tensors are contiguous copies: BLAS may round differently, nothing more.
-    torch.testing.assert_close(engine.score(queries, return_scores=True).scores, before, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        engine.score(queries, return_scores=True).scores, before, rtol=1e-12, atol=0
+    )
 
 
 def test_curvature_of_another_model_or_dataset_is_rejected(engine, tmp_path):
@@ -95,7 +115,9 @@ def test_curvature_of_another_model_or_dataset_is_rejected(engine, tmp_path):
     other_model = InfluenceEngine(TinyConvEps().double(), engine.schedule, engine.train_set)
     with pytest.raises(ArtifactMismatchError, match="model="):
         other_model.load_curvature(tmp_path)
-    other_data = InfluenceEngine(engine.model, engine.schedule, random_dataset(5, (2, 5, 5), seed=9))
+    other_data = InfluenceEngine(
+        engine.model, engine.schedule, random_dataset(5, (2, 5, 5), seed=9)
+    )
     with pytest.raises(ArtifactMismatchError, match="dataset="):
         other_data.load_curvature(tmp_path)
 
@@ -120,7 +142,10 @@ def test_query_cache_roundtrip_and_mismatch(engine, tmp_path):
     cache = engine.prepare_queries(queries)
     cache.save(tmp_path)
     loaded = QueryCache.load(tmp_path, engine.query_meta())
-    assert torch.equal(engine.score(loaded, return_scores=True).scores, engine.score(cache, return_scores=True).scores)
+    assert torch.equal(
+        engine.score(loaded, return_scores=True).scores,
+        engine.score(cache, return_scores=True).scores,
+    )
     engine.config = dataclasses.replace(CONFIG, damping=1.0)
     with pytest.raises(ArtifactMismatchError, match="score_config"):
         QueryCache.load(tmp_path, engine.query_meta())
@@ -136,4 +161,9 @@ def test_config_validation_names_value_and_fix():
     with pytest.raises(ValueError, match="damping"):
         ScoreConfig(damping=-1.0)
     with pytest.raises(ValueError, match="timestep_loss' needs t_min"):
-        InfluenceEngine(TinyConvEps().double(), NoiseSchedule.linear(50), random_dataset(3, (2, 5, 5)), config=ScoreConfig(measurement="timestep_loss")).query_gradients(torch.zeros(1, 2, 5, 5, dtype=torch.float64))
+        InfluenceEngine(
+            TinyConvEps().double(),
+            NoiseSchedule.linear(50),
+            random_dataset(3, (2, 5, 5)),
+            config=ScoreConfig(measurement="timestep_loss"),
+        ).query_gradients(torch.zeros(1, 2, 5, 5, dtype=torch.float64))

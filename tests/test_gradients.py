@@ -2,26 +2,36 @@
 
 import pytest
 import torch
-from conftest import TinyConvEps, random_dataset
-from diffusers import UNet2DModel
 
 from fastinf.config import ScoreConfig
 from fastinf.diffusion import NoiseSchedule, Purpose, make_draws
 from fastinf.engine import InfluenceEngine
 from fastinf.models import as_eps_model
 
+from tiny import TinyConvEps, random_dataset, tiny_unet
+
 
 def autograd_example_gradient(model, schedule, image, cond, example_id, num_draws, seed):
     """∇ of mean_k mean_pixels (ε − ε_θ(x_t, t))² for one example, by plain autograd."""
-    draws = make_draws(torch.tensor([example_id]), torch.arange(num_draws), tuple(image.shape),
-                       num_timesteps=schedule.num_timesteps, purpose=Purpose.TRAIN_GRADIENT,
-                       seed=seed, dtype=image.dtype)
+    draws = make_draws(
+        torch.tensor([example_id]),
+        torch.arange(num_draws),
+        tuple(image.shape),
+        num_timesteps=schedule.num_timesteps,
+        purpose=Purpose.TRAIN_GRADIENT,
+        seed=seed,
+        dtype=image.dtype,
+    )
     noise, timesteps = draws.noise[0], draws.timesteps[0]
     x_t = schedule.add_noise(image.expand(num_draws, *image.shape), noise, timesteps)
     cond_items = None if cond is None else torch.full((num_draws,), cond)
     loss = (model(x_t, timesteps, cond_items) - noise).square().flatten(1).mean(1).mean()
     params = dict(model.named_parameters())
-    return dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True))
+    return dict(
+        zip(
+            params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True
+        )
+    )
 
 
 def check_against_autograd(engine, model, indices, cond=None):
@@ -29,29 +39,33 @@ def check_against_autograd(engine, model, indices, cond=None):
     config = engine.config
     for row, index in enumerate(indices):
         image = engine.train_set[index][0]
-        expected = autograd_example_gradient(model, engine.schedule, image, cond, index, config.train_draws, config.seed)
+        expected = autograd_example_gradient(
+            model, engine.schedule, image, cond, index, config.train_draws, config.seed
+        )
         for name, (weight, bias) in grads.items():
-            torch.testing.assert_close(weight[row], expected[f"{name}.weight"].flatten(1), rtol=1e-7, atol=1e-10)
+            torch.testing.assert_close(
+                weight[row], expected[f"{name}.weight"].flatten(1), rtol=1e-7, atol=1e-10
+            )
             if bias is not None:
-                torch.testing.assert_close(bias[row], expected[f"{name}.bias"], rtol=1e-7, atol=1e-10)
+                torch.testing.assert_close(
+                    bias[row], expected[f"{name}.bias"], rtol=1e-7, atol=1e-10
+                )
 
 
-@pytest.mark.parametrize("batch_size", [1, 4, 64], ids=["draws-split", "examples-split", "one-pass"])
+@pytest.mark.parametrize(
+    "batch_size", [1, 4, 64], ids=["draws-split", "examples-split", "one-pass"]
+)
 def test_conv_model_per_example_gradients(batch_size):
     torch.manual_seed(0)
     model = TinyConvEps().double()
     data = random_dataset(5, (2, 5, 5), seed=3)
-    engine = InfluenceEngine(model, NoiseSchedule.linear(100), data, config=ScoreConfig(train_draws=3, batch_size=batch_size))
+    engine = InfluenceEngine(
+        model,
+        NoiseSchedule.linear(100),
+        data,
+        config=ScoreConfig(train_draws=3, batch_size=batch_size),
+    )
     check_against_autograd(engine, model, [4, 0, 2])
-
-
-def tiny_unet(num_classes=None):
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=4, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=2, attention_head_dim=4, num_class_embeds=num_classes,
-    ).double()
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "class-conditional"])
@@ -60,14 +74,22 @@ def test_unet_per_example_gradients_include_attention_projections(conditional):
     model = as_eps_model(unet)
     labels = torch.tensor([0, 2, 1]) if conditional else None
     data = random_dataset(3, (1, 4, 4), seed=5, labels=labels)
-    engine = InfluenceEngine(model, NoiseSchedule.linear(100), data, config=ScoreConfig(train_draws=2))
+    engine = InfluenceEngine(
+        model, NoiseSchedule.linear(100), data, config=ScoreConfig(train_draws=2)
+    )
     assert any(name.endswith("to_q") for name in engine.layers), "attention projections are tracked"
     assert not any("norm" in name for name in engine.layers)
     grads = engine.train_gradients([1, 2])
     for row, index in enumerate([1, 2]):
         image, cond = data[index]
-        expected = autograd_example_gradient(model, engine.schedule, image, None if not conditional else int(cond), index, 2, 0)
+        expected = autograd_example_gradient(
+            model, engine.schedule, image, None if not conditional else int(cond), index, 2, 0
+        )
         for name, (weight, bias) in grads.items():
-            torch.testing.assert_close(weight[row], expected[f"{name}.weight"].flatten(1), rtol=1e-6, atol=1e-10)
+            torch.testing.assert_close(
+                weight[row], expected[f"{name}.weight"].flatten(1), rtol=1e-6, atol=1e-10
+            )
             if bias is not None:
-                torch.testing.assert_close(bias[row], expected[f"{name}.bias"], rtol=1e-6, atol=1e-10)
+                torch.testing.assert_close(
+                    bias[row], expected[f"{name}.bias"], rtol=1e-6, atol=1e-10
+                )

@@ -31,7 +31,12 @@ def brute_force_patches(conv: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
     rows = []
     for i in range(out_h):
         for j in range(out_w):
-            patch = padded[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+            patch = padded[
+                :,
+                :,
+                i * sh : i * sh + dh * (kh - 1) + 1 : dh,
+                j * sw : j * sw + dw * (kw - 1) + 1 : dw,
+            ]
             rows.append(patch.reshape(inputs.shape[0], -1))
     return torch.stack(rows, dim=1)
 
@@ -55,18 +60,20 @@ def test_conv_rows_match_brute_force_patches(variant):
         out = model(inputs)
         seed = torch.randn_like(out)
         capture.backward(out, seed)
-    (name, act, grad), = recorder.calls
+    ((_, act, grad),) = recorder.calls
     torch.testing.assert_close(act, brute_force_patches(model[0], inputs))
     torch.testing.assert_close(grad, seed.flatten(2).transpose(1, 2))
     # Σ_r b_r a_rᵀ is the weight gradient of ⟨out, seed⟩.
-    weight_grad, = torch.autograd.grad((model(inputs) * seed).sum(), model[0].weight)
+    (weight_grad,) = torch.autograd.grad((model(inputs) * seed).sum(), model[0].weight)
     torch.testing.assert_close(torch.einsum("nro,nri->oi", grad, act), weight_grad.flatten(1))
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_factor_sums_match_brute_force(approx):
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2)
+    ).double()
     inputs = torch.randn(5, 2, 6, 6, dtype=torch.float64)
     layers = find_layers(model)
     sums = _FactorSums(layers, approx, "cpu")
@@ -76,7 +83,7 @@ def test_factor_sums_match_brute_force(approx):
         capture.backward(out, seed)
     # Brute force for the first conv: inputs are known; output-gradients via autograd.
     hidden = model[0](inputs)
-    hidden_grad, = torch.autograd.grad((model[2](model[1](hidden)) * seed).sum(), hidden)
+    (hidden_grad,) = torch.autograd.grad((model[2](model[1](hidden)) * seed).sum(), hidden)
     patches = brute_force_patches(model[0], inputs)  # [n, R, d_in]
     grads = hidden_grad.flatten(2).transpose(1, 2)  # [n, R, d_out]
     act_sum = torch.zeros(18, 18, dtype=torch.float64)
@@ -119,18 +126,22 @@ def test_module_called_twice_contributes_both_calls_as_positions():
     assert len(recorder.calls) == 2, "each layer is delivered exactly once per pass"
     act, grad = delivered["shared"]
     assert act.shape == (3, 10, 4) and grad.shape == (3, 10, 4)
-    weight_grad, bias_grad = torch.autograd.grad((model(inputs) * seed).sum(), [model.shared.weight, model.shared.bias])
+    weight_grad, bias_grad = torch.autograd.grad(
+        (model(inputs) * seed).sum(), [model.shared.weight, model.shared.bias]
+    )
     torch.testing.assert_close(torch.einsum("nro,nri->oi", grad, act), weight_grad)
     torch.testing.assert_close(grad.sum((0, 1)), bias_grad)
 
 
 def test_find_layers_excludes_norms_frozen_and_rejects_grouped_conv():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.Linear(4, 3), nn.Linear(3, 3))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.Linear(4, 3), nn.Linear(3, 3)
+    )
     model[4].weight.requires_grad_(False)
     assert list(find_layers(model)) == ["0", "3"]
     with pytest.raises(ValueError, match="grouped convolutions"):
         find_layers(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
-    with pytest.raises(ValueError, match="no trainable nn.Linear"):
+    with pytest.raises(ValueError, match=r"no trainable nn\.Linear"):
         find_layers(nn.Sequential(nn.GroupNorm(1, 2)))
 
 

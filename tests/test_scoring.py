@@ -4,14 +4,16 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TinyConvEps, random_dataset
 
 from fastinf.config import CurvatureConfig, ScoreConfig
 from fastinf.diffusion import NoiseSchedule
 from fastinf.engine import InfluenceEngine
-from fastinf.scoring import empty_topk, topk_merge
 
-BASE = ScoreConfig(train_draws=3, query_draws=4, damping=1e-3, block_size=4, batch_size=64, query_batch_size=8)
+from tiny import TinyConvEps, random_dataset
+
+BASE = ScoreConfig(
+    train_draws=3, query_draws=4, damping=1e-3, block_size=4, batch_size=64, query_batch_size=8
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,14 @@ def test_scores_match_dense_per_example_contraction(fitted):
 
 @pytest.mark.parametrize(
     "changes",
-    [dict(block_size=1), dict(block_size=9), dict(batch_size=1), dict(batch_size=5), dict(query_batch_size=1), dict(query_batch_size=2)],
+    [
+        dict(block_size=1),
+        dict(block_size=9),
+        dict(batch_size=1),
+        dict(batch_size=5),
+        dict(query_batch_size=1),
+        dict(query_batch_size=2),
+    ],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_scores_invariant_to_batching(fitted, changes):
@@ -83,26 +92,13 @@ def test_topk_agrees_with_full_sort_and_sign_convention(fitted):
     order = torch.argsort(result.scores, dim=1, descending=True, stable=True)
     assert torch.equal(result.proponents.indices, order[:, :3])
     assert torch.equal(result.opponents.indices, order.flip(1)[:, :3])
-    assert (result.proponents.scores >= result.opponents.scores.max(1, keepdim=True).values.min()).all()
+    assert (
+        result.proponents.scores >= result.opponents.scores.max(1, keepdim=True).values.min()
+    ).all()
     subset = [8, 2, 5, 0]
     sub = engine.score(queries, k=2, indices=subset, return_scores=True)
     torch.testing.assert_close(sub.scores, result.scores[:, subset])
     assert set(sub.proponents.indices.flatten().tolist()) <= set(subset)
-
-
-def test_topk_merge_handles_ties_padding_and_blocks():
-    generator = torch.Generator().manual_seed(0)
-    scores = torch.randint(0, 4, (11, 3), generator=generator).double()  # many ties
-    expected_top = torch.argsort(-scores.T, dim=1, stable=True)[:, :5]
-    for block in (1, 4, 11):
-        values, indices = empty_topk(3, 5, largest=True)
-        for start in range(0, 11, block):
-            values, indices = topk_merge(values, indices, scores[start : start + block], torch.arange(start, min(start + block, 11)), largest=True)
-        assert torch.equal(indices, expected_top)
-    values, indices = empty_topk(2, 4, largest=False)
-    values, indices = topk_merge(values, indices, torch.tensor([[1.0, -2.0]]), torch.tensor([7]), largest=False)
-    assert indices.tolist() == [[7, -1, -1, -1], [7, -1, -1, -1]]
-    assert values[0, 0] == 1.0 and torch.isinf(values[:, 1:]).all()
 
 
 def test_self_influence_equals_preconditioned_inner_product(fitted):
@@ -110,6 +106,10 @@ def test_self_influence_equals_preconditioned_inner_product(fitted):
     values = engine.self_influence([3, 1])
     grads = engine.train_gradients([3, 1])
     pre = engine.curvature.precondition(grads, BASE.damping)
-    expected = sum((pre[n][0] * grads[n][0]).flatten(1).sum(1) + (0 if grads[n][1] is None else (pre[n][1] * grads[n][1]).sum(1)) for n in grads)
+    expected = sum(
+        (pre[n][0] * grads[n][0]).flatten(1).sum(1)
+        + (0 if grads[n][1] is None else (pre[n][1] * grads[n][1]).sum(1))
+        for n in grads
+    )
     torch.testing.assert_close(values, expected, rtol=1e-9, atol=1e-12)
     assert (values > 0).all()

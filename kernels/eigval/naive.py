@@ -1,0 +1,39 @@
+"""PyTorch reference for the EK-FAC eigenvalue pass (DESIGN.md §1, "EK-FAC").
+
+out += Σ_d (Q_Sᵀ G_d Q_A)^∘2 with G_d = Σ_r grad[d, r] ⊗ act[d, r].
+Materialises every G_d; computes in float32, or float64 when ``out`` or an input is float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._inputs import compute_dtype
+
+__all__ = ["eigval_accumulate"]
+
+
+def eigval_accumulate(
+    act: torch.Tensor,
+    grad: torch.Tensor,
+    eigvecs_act: torch.Tensor,
+    eigvecs_grad: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Add the squared eigenbasis coordinates of every draw's layer gradient to ``out``.
+
+    Args:
+        act: [D, R, d_in] layer inputs of D draws with R positions each.
+        grad: [D, R, d_out] output gradients of the same rows.
+        eigvecs_act: [d_in, d_in] Q_A, eigenvectors in columns.
+        eigvecs_grad: [d_out, d_out] Q_S, eigenvectors in columns.
+        out: [d_out, d_in] float32 or float64 running sum, updated in place.
+
+    Returns:
+        ``out``.
+    """
+    dtype = compute_dtype(act, grad, eigvecs_act, eigvecs_grad, out)
+    grads = grad.to(dtype).transpose(1, 2) @ act.to(dtype)  # [D, d_out, d_in]
+    projected = eigvecs_grad.to(dtype).T @ grads @ eigvecs_act.to(dtype)
+    out += projected.square().sum(dim=0).to(out.dtype)
+    return out

@@ -1,0 +1,97 @@
+"""Kernel tests: Triton vs reference on CUDA when present, else under the interpreter.
+
+tests/conftest.py sets ``TRITON_INTERPRET=1`` on machines without CUDA before anything
+imports triton (the interpreter must be chosen before triton builds its own library).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from fastinf.kernels.dispatch import dot_precision, triton_available
+
+ON_GPU = torch.cuda.is_available()
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+# Relative (to the largest reference magnitude) error allowed between Triton and the
+# float32 reference. The interpreter computes exact float32; on GPU "tf32x3" is close to
+# float32 and "tf32" keeps ~10 mantissa bits per product.
+_TRITON_REL_TOL = {"interpreter": 2e-5, "ieee": 2e-5, "tf32x3": 5e-5, "tf32": 5e-3}
+
+
+def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    """|actual - expected| ≤ rel · max|expected| elementwise (sums with cancellation make
+    per-element relative tolerances meaningless); NaN anywhere in ``actual`` fails."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert not torch.isnan(actual).any(), "output has NaN (an element was never written?)"
+    expected = expected.to(device=actual.device, dtype=actual.dtype)
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=0.0, atol=rel * max(scale, 1e-30))
+
+
+class Inputs:
+    """Seeded random inputs built on the CPU in float64, then cast and moved to DEVICE,
+    so a case draws the same numbers on every machine."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def normal(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        values = torch.randn(*shape, generator=self.generator, dtype=torch.float64)
+        return values.to(dtype=dtype, device=DEVICE)
+
+    def uniform(self, *shape: int, low: float, high: float, dtype=torch.float32):
+        values = torch.rand(*shape, generator=self.generator, dtype=torch.float64)
+        return (low + (high - low) * values).to(dtype=dtype, device=DEVICE)
+
+    def orthogonal(self, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A [size, size] orthogonal matrix, as eigenvectors are."""
+        matrix = torch.randn(size, size, generator=self.generator, dtype=torch.float64)
+        return torch.linalg.qr(matrix)[0].to(dtype=dtype, device=DEVICE)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture
+def inputs(request: pytest.FixtureRequest) -> Inputs:
+    """Random inputs seeded from the test id (fresh per case, reproducible per case)."""
+    return Inputs(seed=zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def assert_close_scaled():
+    """``check(actual, expected, rel)``: see :func:`_assert_close_scaled`."""
+    return _assert_close_scaled
+
+
+@pytest.fixture
+def triton_tol() -> float:
+    """Tolerance for Triton vs the float32 reference on this machine and precision."""
+    return _TRITON_REL_TOL["interpreter" if not ON_GPU else dot_precision()]
+
+
+@pytest.fixture
+def needs_triton() -> None:
+    """Skip when triton does not import."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+
+
+@pytest.fixture
+def nan_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``torch.empty`` return poisoned memory (NaN, or -7 for integer dtypes) so that
+    a kernel that forgets to write part of a buffer it allocated fails the comparison."""
+    original = torch.empty
+
+    def poisoned(*args, **kwargs):
+        tensor = original(*args, **kwargs)
+        return tensor.fill_(float("nan") if tensor.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", poisoned)

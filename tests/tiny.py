@@ -1,0 +1,70 @@
+"""Tiny models and datasets shared by the tests (float64 where exactness is checked)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from fastinf.data import ImageTensorDataset
+
+
+class LinearEps(nn.Module):
+    """ε̂ = W x_t: one linear layer on the flattened input (one position per draw)."""
+
+    def __init__(self, sample_shape=(1, 2, 2), bias=False):
+        super().__init__()
+        self.sample_shape = sample_shape
+        size = sample_shape[0] * sample_shape[1] * sample_shape[2]
+        self.linear = nn.Linear(size, size, bias=bias)
+
+    def forward(self, x_t, timesteps, cond=None):
+        return self.linear(x_t.flatten(1)).reshape(x_t.shape)
+
+
+class TinyConvEps(nn.Module):
+    """Two convolutions, a time-embedding Linear, a conv called twice (shared weights)."""
+
+    def __init__(self, channels=3, sample_shape=(2, 5, 5)):
+        super().__init__()
+        self.sample_shape = sample_shape
+        in_ch = sample_shape[0]
+        self.conv_in = nn.Conv2d(in_ch, channels, 3, padding=1)
+        self.time = nn.Linear(2, channels)
+        self.shared = nn.Conv2d(channels, channels, 3, padding=2, dilation=2)
+        self.down = nn.Conv2d(channels, channels, 2, stride=2, padding=1)
+        self.norm = nn.GroupNorm(1, channels)
+        self.conv_out = nn.Conv2d(channels, in_ch, 3, padding=1)
+
+    def forward(self, x_t, timesteps, cond=None):
+        t = timesteps.to(x_t.dtype).unsqueeze(1) / 1000.0
+        temb = self.time(torch.cat([torch.sin(t), torch.cos(t)], dim=1))
+        h = torch.tanh(self.conv_in(x_t) + temb[:, :, None, None])
+        h = torch.tanh(self.shared(h))
+        h = self.norm(self.shared(h))
+        coarse = self.down(h)
+        h = h + nn.functional.interpolate(coarse, size=h.shape[-2:], mode="nearest")
+        return self.conv_out(h)
+
+
+def random_dataset(count, sample_shape, seed=0, dtype=torch.float64, labels=None):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(count, *sample_shape, generator=generator, dtype=dtype) * 2 - 1
+    return ImageTensorDataset(images, labels)
+
+
+def tiny_unet(num_classes=None):
+    """A 4×4 UNet2DModel with attention, float64."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=4,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=2,
+        attention_head_dim=4,
+        num_class_embeds=num_classes,
+    ).double()
