@@ -1,0 +1,224 @@
+"""ε-prediction models: the diffusers adapter, the default digits UNet and its weights.
+
+fastinf calls every model as `model(x_t, timesteps, cond) -> eps_pred` with
+x_t [B, C, H, W] float, timesteps [B] int64 in {0..T-1} and cond either None or [B] int64
+class labels (`fastinf.data` conventions); eps_pred has the shape of x_t. A diffusers
+`UNet2DModel` is adapted by `DiffusersEpsModel`; any other `nn.Module` following that
+call convention is used as it is, and should expose `sample_shape` (C, H, W) — otherwise
+the sample shape must be passed explicitly wherever fastinf asks for it.
+
+Weights are stored as a safetensors file of the UNet's state dict (fp32) next to a JSON
+sidecar with the same stem holding the UNet config, the noise schedule and provenance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fastinf.diffusion import NoiseSchedule
+
+__all__ = [
+    "DIGITS_WEIGHTS_PATH",
+    "DiffusersEpsModel",
+    "as_eps_model",
+    "default_schedule",
+    "digits_unet_config",
+    "load_digits_model",
+    "load_sidecar",
+    "load_unet",
+    "resolve_sample_shape",
+    "save_unet",
+    "schedule_from_sidecar",
+]
+
+DIGITS_WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "digits_unet.safetensors"
+
+
+class DiffusersEpsModel(nn.Module):
+    """Adapter giving a diffusers `UNet2DModel` fastinf's call convention.
+
+    Args:
+        unet: an ε-predicting `UNet2DModel`, unconditional or class-conditional.
+    """
+
+    def __init__(self, unet: UNet2DModel):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one model input."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, height, width)
+
+    @property
+    def is_conditional(self) -> bool:
+        """Whether the UNet has a class embedding and so needs `cond`."""
+        return self.unet.class_embedding is not None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of class labels of a class-conditional UNet; None if unconditional."""
+        return self.unet.config.num_class_embeds if self.is_conditional else None
+
+    def forward(self, x_t: Tensor, timesteps: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Predicted noise ε_θ(x_t, t[, c]).
+
+        Args:
+            x_t: [B, C, H, W] noisy inputs.
+            timesteps: [B] int64 timesteps in {0..T-1} (or a scalar shared by the batch).
+            cond: [B] int64 class labels for a class-conditional UNet. An unconditional UNet
+                ignores it, so datasets that carry labels work with either kind of model.
+        Returns:
+            eps_pred [B, C, H, W].
+        """
+        if not self.is_conditional:
+            return self.unet(x_t, timesteps).sample
+        if cond is None or bool(torch.any(cond < 0)):
+            raise ValueError(
+                "this UNet is class-conditional (it has a class embedding) and needs cond: "
+                f"[B] int64 class labels in 0..{(self.num_classes or 0) - 1}, not None or -1; "
+                "use a labelled dataset or pass cond=... to the sampler."
+            )
+        return self.unet(x_t, timesteps, class_labels=cond).sample
+
+
+def as_eps_model(model: nn.Module) -> nn.Module:
+    """Wrap a `UNet2DModel` in `DiffusersEpsModel`; return any other module unchanged.
+
+    A module that is not a UNet2DModel must already be callable as
+    `model(x_t, timesteps, cond) -> eps_pred` (module docstring) and should define
+    `sample_shape`, or callers must pass the sample shape explicitly.
+    """
+    if isinstance(model, UNet2DModel):
+        return DiffusersEpsModel(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"expected a torch nn.Module (UNet2DModel or an ε-model), got {type(model).__name__}."
+        )
+    return model
+
+
+def resolve_sample_shape(
+    model: nn.Module, sample_shape: tuple[int, ...] | None = None
+) -> tuple[int, ...]:
+    """The (C, H, W) of one model input: `sample_shape` if given, else `model.sample_shape`.
+
+    Raises:
+        ValueError: when neither is available, saying how to fix it.
+    """
+    if sample_shape is not None:
+        return tuple(int(size) for size in sample_shape)
+    model_shape = getattr(model, "sample_shape", None)
+    if model_shape is None:
+        raise ValueError(
+            f"cannot tell the input shape of {type(model).__name__}: give the model a "
+            "`sample_shape` attribute (C, H, W) or pass sample_shape=(C, H, W) explicitly."
+        )
+    return tuple(int(size) for size in model_shape)
+
+
+def digits_unet_config() -> dict:
+    """`UNet2DModel` keyword arguments of the default, unconditional digits DDPM (≈0.7M params)."""
+    return {
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+        "num_class_embeds": None,
+    }
+
+
+def default_schedule() -> NoiseSchedule:
+    """The schedule of the default model: T = 1000, linear β from 1e-4 to 2e-2 (DDPM)."""
+    return NoiseSchedule.linear(1000, 1e-4, 2e-2)
+
+
+def _sidecar_path(weights_path: Path) -> Path:
+    return Path(weights_path).with_suffix(".json")
+
+
+def save_unet(unet: UNet2DModel | DiffusersEpsModel, weights_path, metadata: dict) -> Path:
+    """Write the UNet's state dict (fp32 safetensors) and a JSON sidecar with the same stem.
+
+    Args:
+        unet: the model to save (its weights are copied to CPU fp32).
+        weights_path: target `.safetensors` path; parent folders are created.
+        metadata: JSON-serialisable provenance; `unet_config` (the UNet's constructor
+            arguments) is added from the model itself.
+    Returns:
+        The sidecar path.
+    """
+    unet = unet.unet if isinstance(unet, DiffusersEpsModel) else unet
+    weights_path = Path(weights_path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        name: tensor.detach().to("cpu", torch.float32).contiguous()
+        for name, tensor in unet.state_dict().items()
+    }
+    save_file(state, str(weights_path))
+    config = {key: value for key, value in unet.config.items() if not key.startswith("_")}
+    sidecar = {"unet_config": config, **metadata}
+    sidecar_path = _sidecar_path(weights_path)
+    sidecar_path.write_text(json.dumps(sidecar, indent=2, sort_keys=False) + "\n")
+    return sidecar_path
+
+
+def load_sidecar(weights_path) -> dict:
+    """The JSON sidecar of a weights file written by `save_unet`."""
+    sidecar_path = _sidecar_path(Path(weights_path))
+    if not sidecar_path.is_file():
+        raise FileNotFoundError(
+            f"no sidecar {sidecar_path} next to {weights_path}; weights must be saved with "
+            "fastinf.models.save_unet (or fastinf.train.train_digits)."
+        )
+    return json.loads(sidecar_path.read_text())
+
+
+def schedule_from_sidecar(sidecar: dict) -> NoiseSchedule:
+    """Rebuild the linear-β `NoiseSchedule` recorded in a sidecar's `schedule` entry."""
+    schedule = sidecar["schedule"]
+    if schedule.get("beta_schedule") != "linear":
+        raise ValueError(
+            f"unsupported schedule {schedule!r} in sidecar; only linear β schedules are stored."
+        )
+    return NoiseSchedule.linear(
+        schedule["num_timesteps"], schedule["beta_start"], schedule["beta_end"]
+    )
+
+
+def load_unet(weights_path, *, device: str | torch.device = "cpu") -> DiffusersEpsModel:
+    """Build a UNet from a sidecar's config and load its safetensors weights (no network).
+
+    Returns:
+        The adapted model in eval mode on `device`.
+    """
+    sidecar = load_sidecar(weights_path)
+    unet = UNet2DModel(**sidecar["unet_config"])
+    unet.load_state_dict(load_file(str(weights_path)), strict=True)
+    return DiffusersEpsModel(unet).to(device).eval()
+
+
+def load_digits_model(device: str | torch.device = "cpu") -> DiffusersEpsModel:
+    """The shipped default: the EMA weights of the digits DDPM, in eval mode.
+
+    Its schedule is `default_schedule()`; its inputs are [B, 1, 8, 8] in [-1, 1].
+    """
+    if not DIGITS_WEIGHTS_PATH.is_file():
+        raise FileNotFoundError(
+            f"shipped weights {DIGITS_WEIGHTS_PATH} are missing; reinstall fastinf or "
+            "regenerate them with `python -m fastinf.train --out-dir fastinf/weights`."
+        )
+    return load_unet(DIGITS_WEIGHTS_PATH, device=device)
