@@ -121,7 +121,9 @@ def load_artifact(directory: str | os.PathLike, stem: str) -> tuple[dict[str, Te
     try:
         meta = json.loads(json_path.read_text())
     except json.JSONDecodeError as error:
-        raise ArtifactCorruptError(f"{json_path} is not valid JSON ({error}); recreate it.") from None
+        raise ArtifactCorruptError(
+            f"{json_path} is not valid JSON ({error}); recreate it."
+        ) from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactMismatchError(
             f"{json_path} has format version {meta.get('format_version')}, this fastinf reads "
@@ -135,7 +137,9 @@ def load_artifact(directory: str | os.PathLike, stem: str) -> tuple[dict[str, Te
     try:
         tensors = load_file(str(tensor_path))
     except SafetensorError as error:
-        raise ArtifactCorruptError(f"{tensor_path} cannot be read ({error}); recreate it.") from None
+        raise ArtifactCorruptError(
+            f"{tensor_path} cannot be read ({error}); recreate it."
+        ) from None
     return tensors, meta
 
 
