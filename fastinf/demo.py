@@ -52,8 +52,8 @@ def attribution_grid(
     draw = ImageDraw.Draw(grid)
     prop_x, opp_x = cell + 2 * gap, cell * (1 + columns) + 3 * gap
     draw.text((2, 2), "query", fill="black")
-    draw.text((prop_x, 2), "top proponents (made it likelier) →", fill="darkgreen")
-    draw.text((opp_x, 2), "top opponents (made it less likely) →", fill="darkred")
+    draw.text((prop_x, 2), "top proponents (made it likelier) ->", fill="darkgreen")
+    draw.text((opp_x, 2), "top opponents (made it less likely) ->", fill="darkred")
     for row in range(queries.shape[0]):
         top = header + row * (height + gap)
         grid.paste(_to_pixels(queries[row], scale), (0, top))

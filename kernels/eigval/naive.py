@@ -1,7 +1,9 @@
 """PyTorch reference for the EK-FAC eigenvalue pass (DESIGN.md §1, "EK-FAC").
 
 out += Σ_d (Q_Sᵀ G_d Q_A)^∘2 with G_d = Σ_r grad[d, r] ⊗ act[d, r].
-Materialises every G_d; computes in float32, or float64 when ``out`` or an input is float64.
+Projects rows first or materialises every G_d, whichever costs fewer multiply-adds
+(:func:`fastinf.kernels.score.naive.choose_route`); computes in float32, or float64 when
+``out`` or an input is float64.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._inputs import compute_dtype
+from ..score.naive import choose_route
 
 __all__ = ["eigval_accumulate"]
 
@@ -33,7 +36,12 @@ def eigval_accumulate(
         ``out``.
     """
     dtype = compute_dtype(act, grad, eigvecs_act, eigvecs_grad, out)
-    grads = grad.to(dtype).transpose(1, 2) @ act.to(dtype)  # [D, d_out, d_in]
-    projected = eigvecs_grad.to(dtype).T @ grads @ eigvecs_act.to(dtype)
+    act, grad = act.to(dtype), grad.to(dtype)
+    eigvecs_act, eigvecs_grad = eigvecs_act.to(dtype), eigvecs_grad.to(dtype)
+    if choose_route(act.shape[1], act.shape[2], grad.shape[2]) == "rows":
+        projected = (grad @ eigvecs_grad).transpose(1, 2) @ (act @ eigvecs_act)
+    else:
+        grads = grad.transpose(1, 2) @ act  # [D, d_out, d_in]
+        projected = eigvecs_grad.T @ grads @ eigvecs_act
     out += projected.square().sum(dim=0).to(out.dtype)
     return out
