@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data import UNCONDITIONAL, batch_cond
 from .diffusion import Measurement, NoiseSchedule, make_draws, output_noise
 
 __all__ = [
@@ -56,13 +57,12 @@ def _collate(items: list) -> tuple[Tensor, Tensor | None]:
     images, conds = [], []
     for item in items:
         if isinstance(item, (tuple, list)):
-            image, cond = item[0], item[1] if len(item) > 1 else -1
+            image, cond = item[0], item[1] if len(item) > 1 else UNCONDITIONAL
         else:
-            image, cond = item, -1
+            image, cond = item, UNCONDITIONAL
         images.append(torch.as_tensor(image))
-        conds.append(int(cond) if cond is not None else -1)
-    cond_tensor = torch.tensor(conds, dtype=torch.int64)
-    return torch.stack(images), (None if bool((cond_tensor < 0).all()) else cond_tensor)
+        conds.append(UNCONDITIONAL if cond is None else int(cond))
+    return torch.stack(images), batch_cond(torch.tensor(conds, dtype=torch.int64))
 
 
 class _Indexed(Dataset):
