@@ -27,29 +27,18 @@ def files(tmp_path):
     return tmp_path, data, queries
 
 
+def fit_with_cli(tmp_path):
+    """Run `fastinf fit` on the tiny files; return the model/data arguments it used."""
+    common = ["--weights", str(tmp_path / "unet.safetensors")]
+    common += ["--data", str(tmp_path / "train.safetensors")]
+    fit = ["fit", *common, "--out", str(tmp_path / "curv")]
+    assert main([*fit, "--factor-draws", "1", "--eigval-draws", "1"]) == 0
+    return common
+
+
 def test_fit_then_topk_matches_the_api(files):
     tmp_path, data, queries = files
-    common = [
-        "--weights",
-        str(tmp_path / "unet.safetensors"),
-        "--data",
-        str(tmp_path / "train.safetensors"),
-    ]
-    assert (
-        main(
-            [
-                "fit",
-                *common,
-                "--out",
-                str(tmp_path / "curv"),
-                "--factor-draws",
-                "1",
-                "--eigval-draws",
-                "1",
-            ]
-        )
-        == 0
-    )
+    common = fit_with_cli(tmp_path)
     args = [
         "topk",
         *common,
@@ -87,27 +76,7 @@ def test_fit_then_topk_matches_the_api(files):
 
 def test_cli_reports_mismatched_curvature_clearly(files, capsys):
     tmp_path, _, _ = files
-    common = [
-        "--weights",
-        str(tmp_path / "unet.safetensors"),
-        "--data",
-        str(tmp_path / "train.safetensors"),
-    ]
-    assert (
-        main(
-            [
-                "fit",
-                *common,
-                "--out",
-                str(tmp_path / "curv"),
-                "--factor-draws",
-                "1",
-                "--eigval-draws",
-                "1",
-            ]
-        )
-        == 0
-    )
+    fit_with_cli(tmp_path)
     other = random_dataset(6, (1, 4, 4), seed=9, dtype=torch.float32).images
     save_file({"images": other}, str(tmp_path / "other.safetensors"))
     code = main(

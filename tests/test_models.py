@@ -22,21 +22,11 @@ from fastinf.models import (
 )
 from fastinf.train import evaluate_loss
 
+from tiny import small_unet
+
 
 def tiny_unet(num_class_embeds=None, seed=0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UNet2DModel(
-            sample_size=(8, 6),
-            in_channels=2,
-            out_channels=2,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"),
-            norm_num_groups=4,
-            num_class_embeds=num_class_embeds,
-        )
+    return small_unet(num_class_embeds, seed, sample_size=(8, 6), channels=2)
 
 
 def normalised(config):

@@ -1,29 +1,14 @@
 import pytest
 import torch
-from diffusers import UNet2DModel
 from torch import nn
 
 import fastinf.sampling as sampling_module
 from fastinf.diffusion import NoiseSchedule
 from fastinf.sampling import make_ddpm_scheduler, sample_ddpm
 
+from tiny import small_unet
+
 SCHEDULE = NoiseSchedule.linear(100, 1e-3, 0.1)
-
-
-def tiny_unet(num_class_embeds=None, seed=0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UNet2DModel(
-            sample_size=8,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"),
-            norm_num_groups=4,
-            num_class_embeds=num_class_embeds,
-        )
 
 
 class GaussianDataEps(nn.Module):
@@ -115,7 +100,7 @@ def test_samples_of_gaussian_data_have_the_predicted_moments():
 
 
 def test_sampling_is_deterministic_given_the_seed():
-    model = tiny_unet()
+    model = small_unet()
     first = sample_ddpm(model, SCHEDULE, 5, seed=11, num_inference_steps=10)
     again = sample_ddpm(model, SCHEDULE, 5, seed=11, num_inference_steps=10, batch_size=2)
     other = sample_ddpm(model, SCHEDULE, 5, seed=12, num_inference_steps=10)
@@ -128,7 +113,7 @@ def test_sampling_is_deterministic_given_the_seed():
 
 
 def test_class_conditional_sampling():
-    model = tiny_unet(num_class_embeds=3)
+    model = small_unet(num_class_embeds=3)
     with pytest.raises(ValueError, match="class-conditional"):
         sample_ddpm(model, SCHEDULE, 2, seed=0, num_inference_steps=3)
     with pytest.raises(ValueError, match=r"one per sample \(\[2\]\)"):
@@ -143,7 +128,7 @@ def test_class_conditional_sampling():
 
 
 def test_sampling_rejects_bad_arguments():
-    model = tiny_unet()
+    model = small_unet()
     with pytest.raises(ValueError, match="num_samples"):
         sample_ddpm(model, SCHEDULE, 0, seed=0)
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -12,23 +11,9 @@ from fastinf.data import ImageTensorDataset, load_digits_dataset
 from fastinf.diffusion import NoiseSchedule, Purpose, make_draws
 from fastinf.train import evaluate_loss, train_diffusion, warmup_cosine
 
+from tiny import small_unet
+
 SCHEDULE = NoiseSchedule.linear(100, 1e-3, 0.1)
-
-
-def tiny_unet(num_class_embeds=None, seed=0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UNet2DModel(
-            sample_size=8,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"),
-            norm_num_groups=4,
-            num_class_embeds=num_class_embeds,
-        )
 
 
 class TinyEps(nn.Module):
@@ -108,7 +93,7 @@ def test_public_api_is_pinned():
 
 
 def test_training_reduces_the_loss_on_fixed_draws(digits_64):
-    model = tiny_unet()
+    model = small_unet()
     before = evaluate_loss(model, digits_64, SCHEDULE, num_draws=4, seed=1)
     trained, ema_model, history = run(model, digits_64, steps=60, lr=1e-2, ema_decay=0.9)
     after = evaluate_loss(trained, digits_64, SCHEDULE, num_draws=4, seed=1)
@@ -120,12 +105,12 @@ def test_training_reduces_the_loss_on_fixed_draws(digits_64):
 
 
 def test_training_is_deterministic_given_the_seed(digits_64):
-    first, first_ema, first_history = run(tiny_unet(), digits_64, seed=3)
-    second, second_ema, second_history = run(tiny_unet(), digits_64, seed=3)
+    first, first_ema, first_history = run(small_unet(), digits_64, seed=3)
+    second, second_ema, second_history = run(small_unet(), digits_64, seed=3)
     assert_same_weights(weights_of(first), weights_of(second))
     assert_same_weights(weights_of(first_ema), weights_of(second_ema))
     assert first_history.losses == second_history.losses
-    other, _, _ = run(tiny_unet(), digits_64, seed=4)
+    other, _, _ = run(small_unet(), digits_64, seed=4)
     assert not torch.equal(first.unet.conv_in.weight, other.unet.conv_in.weight), (
         "a different seed must give different weights"
     )
@@ -177,7 +162,7 @@ def test_learning_rate_follows_warmup_then_cosine(digits_64):
 
 
 def test_class_conditional_training_needs_labels(digits_64):
-    unet = tiny_unet(num_class_embeds=10)
+    unet = small_unet(num_class_embeds=10)
     initial_embedding = unet.class_embedding.weight.detach().clone()
     _, _, history = run(unet, digits_64, steps=3)
     assert len(history.losses) == 3
@@ -186,7 +171,7 @@ def test_class_conditional_training_needs_labels(digits_64):
     assert bool(torch.all(changed > 0))
     unlabelled = ImageTensorDataset(digits_64.images)
     with pytest.raises(ValueError, match="class-conditional"):
-        run(tiny_unet(num_class_embeds=10), unlabelled, steps=1)
+        run(small_unet(num_class_embeds=10), unlabelled, steps=1)
 
 
 def test_training_rejects_bad_arguments_and_images(digits_64):
@@ -215,7 +200,7 @@ def test_evaluate_loss_uses_the_hashed_draws(digits_64):
 
 
 def test_evaluate_loss_does_not_depend_on_batch_size(digits_64):
-    model = tiny_unet()
+    model = small_unet()
     model.train()
     by_7 = evaluate_loss(model, digits_64, SCHEDULE, num_draws=2, batch_size=7)
     by_64 = evaluate_loss(model, digits_64, SCHEDULE, num_draws=2, batch_size=64)

@@ -68,3 +68,20 @@ def tiny_unet(num_classes=None):
         attention_head_dim=4,
         num_class_embeds=num_classes,
     ).double()
+
+
+def small_unet(num_class_embeds=None, seed=0, sample_size=8, channels=1):
+    """A float32 UNet2DModel without attention (for training and sampling tests)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel(
+            sample_size=sample_size,
+            in_channels=channels,
+            out_channels=channels,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            norm_num_groups=4,
+            num_class_embeds=num_class_embeds,
+        )

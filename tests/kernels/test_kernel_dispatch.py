@@ -34,6 +34,7 @@ def test_public_api_is_pinned():
         "empty_topk",
         "project_score",
         "project_score_dense",
+        "score_params",
         "topk_merge",
         "whiten_sketch",
     ]
