@@ -7,6 +7,7 @@ result = engine.topk(generated_images, k=10)  # proponents and opponents per que
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -121,16 +122,10 @@ class InfluenceEngine:
         if cond is not None:
             cond = torch.as_tensor(cond, dtype=torch.int64).reshape(-1).expand(images.shape[0])
             cond = cond.to(self.device)
-        ids = []
-        for row in range(images.shape[0]):
-            key = (
-                images[row]
-                if cond is None
-                else torch.cat(
-                    [images[row].flatten().cpu(), cond[row : row + 1].cpu().to(images.dtype)]
-                )
-            )
-            ids.append(int(tensor_fingerprint(key)[:7], 16))
+        ids = [
+            _content_id(images[row], None if cond is None else int(cond[row]))
+            for row in range(images.shape[0])
+        ]
         return ExampleBlock(torch.tensor(ids, dtype=torch.int64), images, cond)
 
     def query_gradients(self, queries: Tensor, cond=None) -> LayerGrads:
@@ -304,6 +299,13 @@ class InfluenceEngine:
 
     def _eval(self):
         return _EvalMode(self.model)
+
+
+def _content_id(image: Tensor, label: int | None) -> int:
+    """A 28-bit id from a query's pixels (and label): it seeds the query's draws, so a
+    query's gradient never depends on which other queries share its batch."""
+    key = tensor_fingerprint(image) + ("" if label is None else f":{label}")
+    return int(hashlib.sha256(key.encode()).hexdigest()[:7], 16)
 
 
 class _EvalMode:
