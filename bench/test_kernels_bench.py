@@ -83,6 +83,20 @@ def _dense_case(b: int, d_out: int, d_in: int, q: int) -> Case:
     )
 
 
+def _params_case(b: int, m: int, d_in: int, d_out: int, q: int, dtype=torch.float32) -> Case:
+    def make() -> dict:
+        return {
+            "act": _normal(b, m, d_in, dtype=dtype),
+            "grad": _normal(b, m, d_out, dtype=dtype),
+            "queries": _normal(q, d_out, d_in, dtype=dtype),
+        }
+
+    shape = f"B={b} M={m} d_in={d_in} d_out={d_out} Q={q}"
+    return Case(
+        "score_params", shape, dtype, make, lambda x, be: kernels.score_params(**x, backend=be)
+    )
+
+
 def _eigval_case(d: int, r: int, d_in: int, d_out: int) -> Case:
     def make() -> dict:
         return {
@@ -134,6 +148,10 @@ if ON_GPU:
         _score_case(256, 8, 512, 512, 1024),  # time-embedding linear, 8 draws
         _score_case(64, 256, 2304, 256, 256, dtype=torch.float16),
         _dense_case(64, 256, 2304, 512),
+        _params_case(32, 1024, 1152, 128, 256),  # the project_score shapes above, in
+        _params_case(16, 256, 4608, 512, 128),  # parameter space (no projection)
+        _params_case(256, 8, 512, 512, 1024),
+        _params_case(64, 256, 2304, 256, 256, dtype=torch.float16),
         _eigval_case(64, 1024, 1152, 128),
         _eigval_case(32, 256, 4608, 512),
         _whiten_case(256, 256, 2304, 1024),
@@ -145,6 +163,7 @@ if ON_GPU:
 else:
     CASES = [
         _score_case(8, 16, 288, 32, 16),
+        _params_case(8, 16, 288, 32, 16),
         _eigval_case(8, 64, 288, 32),
         _whiten_case(32, 32, 288, 64),
         _topk_case(16, 10, 512),

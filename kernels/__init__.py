@@ -8,7 +8,7 @@ not named after the ops so that ``fastinf.kernels.<op>`` is always the function.
 """
 
 from .eigval import eigval_accumulate
-from .score import project_score, project_score_dense
+from .score import project_score, project_score_dense, score_params
 from .topk import empty_topk, topk_merge
 from .whiten import whiten_sketch
 
@@ -17,6 +17,7 @@ __all__ = [
     "empty_topk",
     "project_score",
     "project_score_dense",
+    "score_params",
     "topk_merge",
     "whiten_sketch",
 ]

@@ -58,6 +58,7 @@ BACKENDS: tuple[str, ...] = ("auto", *BACKEND_MODULES)
 OPS: dict[str, str] = {
     "project_score": "score",
     "project_score_dense": "score",
+    "score_params": "score",
     "eigval_accumulate": "eigval",
     "whiten_sketch": "whiten",
     "topk_merge": "topk",

@@ -1,4 +1,5 @@
-"""Project-and-score: per-example layer gradients → eigenbasis → ∘W → · cached queries."""
+"""Scoring per-example layer gradients against cached queries: project-and-score
+(gradients → eigenbasis → ∘W → · Q̂_q) and its parameter-space form (G_b · V_q)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ from .._inputs import check_float, check_shape
 from ..dispatch import select
 from .naive import ROUTES, Route, choose_route
 
-__all__ = ["Route", "choose_route", "project_score", "project_score_dense"]
+__all__ = ["Route", "choose_route", "project_score", "project_score_dense", "score_params"]
+
+
+def _check_rows(act: torch.Tensor, grad: torch.Tensor) -> tuple[int, int]:
+    """Validate factored rows act [B, M, d_in], grad [B, M, d_out]; return (d_in, d_out)."""
+    check_shape("act", act, (None, None, None))
+    n_b, n_rows, d_in = act.shape
+    check_shape("grad", grad, (n_b, n_rows, None))
+    check_float("act", act)
+    check_float("grad", grad)
+    return d_in, grad.shape[2]
 
 
 def _check_curvature(
@@ -65,12 +76,7 @@ def project_score(
         [B, Q] scores of this layer; positive means example b is a proponent of query q.
         float32 (float64 from the reference when an input is float64).
     """
-    check_shape("act", act, (None, None, None))
-    n_b, n_rows, d_in = act.shape
-    check_shape("grad", grad, (n_b, n_rows, None))
-    d_out = grad.shape[2]
-    check_float("act", act)
-    check_float("grad", grad)
+    d_in, d_out = _check_rows(act, grad)
     _check_curvature(eigvecs_act, eigvecs_grad, inv_damped, queries, d_in, d_out)
     if route is not None and route not in ROUTES:
         raise ValueError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)} or None")
@@ -104,3 +110,37 @@ def project_score_dense(
     _check_curvature(eigvecs_act, eigvecs_grad, inv_damped, queries, d_in, d_out)
     tensors = (grads, eigvecs_act, eigvecs_grad, inv_damped, queries)
     return select("project_score_dense", backend, tensors)(*tensors)
+
+
+def score_params(
+    act: torch.Tensor,
+    grad: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Score per-example gradients given in factored form against parameter-space queries.
+
+    Implements scores[b, q] = Σ_{o,i} G_b[o,i] · V[q,o,i] with G_b = Σ_m grad[b,m] ⊗ act[b,m].
+    With V_q = Q_S (Q̂_q ∘ W) Q_Aᵀ = (G + λI)⁻¹ ∇m_q (DESIGN.md §1, inverse-GGN–vector
+    product) this equals :func:`project_score`, since ⟨Q̂_q ∘ W, Q_Sᵀ G_b Q_A⟩ =
+    ⟨Q_S (Q̂_q ∘ W) Q_Aᵀ, G_b⟩, without projecting any example.
+
+    Args:
+        act: [B, M, d_in] layer inputs, M = positions × draws of one example.
+        grad: [B, M, d_out] output gradients of the same rows.
+        queries: [Q, d_out, d_in] preconditioned query gradients V_q, laid out like the
+            layer's weight (conv kernels flattened to d_in = C_in·kh·kw in the order of
+            ``act``).
+        backend: ``"auto"``, ``"triton"``, ``"reference"`` or ``None``
+            (see :mod:`fastinf.kernels.dispatch`).
+
+    Returns:
+        [B, Q] scores of this layer; positive means example b is a proponent of query q.
+        float32 (float64 from the reference when an input is float64).
+    """
+    d_in, d_out = _check_rows(act, grad)
+    check_shape("queries", queries, (None, d_out, d_in))
+    check_float("queries", queries)
+    tensors = (act, grad, queries)
+    return select("score_params", backend, tensors)(*tensors)

@@ -1,6 +1,9 @@
-"""PyTorch reference for project-and-score (DESIGN.md §1, "Identities that make it fast").
+"""PyTorch reference for scoring against cached queries (DESIGN.md §1, "Identities that
+make it fast").
 
-scores[b, q] = Σ_{o,i} (Q_Sᵀ G_b Q_A)[o, i] · W[o, i] · Q̂[q, o, i]
+scores[b, q] = Σ_{o,i} (Q_Sᵀ G_b Q_A)[o, i] · W[o, i] · Q̂[q, o, i]   (eigenbasis queries)
+             = Σ_{o,i} G_b[o, i] · V[q, o, i]                       (parameter space)
+with V_q = Q_S (Q̂_q ∘ W) Q_Aᵀ = (G + λI)⁻¹ ∇m_q.
 
 This module is the reference imported by tests, benchmarks and the CPU path. It computes in
 float32, or float64 when any input is float64, and materialises every intermediate.
@@ -14,7 +17,14 @@ import torch
 
 from .._inputs import compute_dtype
 
-__all__ = ["ROUTES", "Route", "choose_route", "project_score", "project_score_dense"]
+__all__ = [
+    "ROUTES",
+    "Route",
+    "choose_route",
+    "project_score",
+    "project_score_dense",
+    "score_params",
+]
 
 Route = Literal["rows", "summed"]
 ROUTES: tuple[str, ...] = ("rows", "summed")
@@ -102,3 +112,19 @@ def project_score_dense(
     dtype = compute_dtype(grads, eigvecs_act, eigvecs_grad, inv_damped, queries)
     projected = eigvecs_grad.to(dtype).T @ grads.to(dtype) @ eigvecs_act.to(dtype)
     return _contract(projected, inv_damped.to(dtype), queries.to(dtype))
+
+
+def score_params(act: torch.Tensor, grad: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Score factored per-example gradients against queries preconditioned in parameter space.
+
+    Args:
+        act: [B, M, d_in] layer inputs a_m of each example (M = positions × draws).
+        grad: [B, M, d_out] output gradients b_m; G_b = Σ_m grad[b,m] ⊗ act[b,m].
+        queries: [Q, d_out, d_in] V_q = (G + λI)⁻¹ ∇m_q, laid out like G_b.
+
+    Returns:
+        [B, Q] scores τ(q, b) restricted to this layer; positive = proponent.
+    """
+    dtype = compute_dtype(act, grad, queries)
+    grads = grad.to(dtype).transpose(1, 2) @ act.to(dtype)  # [B, d_out, d_in]
+    return grads.flatten(1) @ queries.to(dtype).flatten(1).T

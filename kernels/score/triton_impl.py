@@ -1,30 +1,35 @@
-"""Triton project-and-score: scores = Σ_{o,i} (Q_Sᵀ G_b Q_A) ∘ W ∘ Q̂_q, tile by tile.
+"""Triton scoring against cached queries, tile by tile, by one kernel: in the eigenbasis,
+scores = Σ_{o,i} (Q_Sᵀ G_b Q_A) ∘ W ∘ Q̂_q, and in parameter space, scores = Σ_{o,i} G_b ∘ V_q.
 
-Plan (one kernel, two cheap cuBLAS-side preparations):
+Plan (one kernel, at most two cheap cuBLAS-side preparations):
 
-* Both routes reduce to a per-example bilinear form P̂_b[o, i] = Σ_k L_b[k, o] · R_b[k, i]:
+* Every op reduces to a per-example bilinear form P̂_b[o, i] = Σ_k L_b[k, o] · R_b[k, i]:
   - ``rows``: L_b = grad_b Q_S [M, d_out], R_b = act_b Q_A [M, d_in], K = M;
   - ``summed`` / dense: with G_b formed (bmm), the larger projection is done by a GEMM and
     the smaller one in the kernel: L = Q_S shared (batch stride 0), R_b = G_b Q_A, K = d_out
     when d_out ≤ d_in; else L_b = (Q_Sᵀ G_b)ᵀ, R = Q_A shared, K = d_in.
+  - ``score_params``: the raw rows, L_b = grad_b, R_b = act_b, K = M, and no W (the
+    queries V_q = Q_S (Q̂_q ∘ W) Q_Aᵀ already carry the curvature): P̂_b = G_b, formed in
+    registers and never written, with no projection GEMM at all.
   The row projections and G_b Q_A are input-sized ([B, M, d] or [B, d_out, d_in]); the
   projected gradient P̂_b never reaches global memory. Projecting rows inside every tile
   instead would redo act_b Q_A once per d_out block (d_out / BLOCK_O times), the dominant
   cost for conv layers, so the projections are left to one GEMM each.
 * ``_bilinear_score_kernel``: program (example block, split) walks the (d_out, d_in) tiles
-  t ≡ split (mod n_split). For each tile it forms P̂ ∘ W for BLOCK_B examples in registers
-  (one 2-D ``tl.dot`` chain per example, scattered into a [BLOCK_B, BLOCK_O, BLOCK_I]
-  tile), flattens it to [BLOCK_B, BLOCK_O·BLOCK_I] and contracts it with every query block
-  by a second ``tl.dot`` against the matching Q̂ tile. P̂ ∘ W is built once per example
-  and tile and reused by all queries.
+  t ≡ split (mod n_split). For each tile it forms P̂ ∘ W (P̂ alone when the constexpr
+  ``HAS_WEIGHT`` is off) for BLOCK_B examples in registers (one 2-D ``tl.dot`` chain per
+  example, scattered into a [BLOCK_B, BLOCK_O, BLOCK_I] tile), flattens it to
+  [BLOCK_B, BLOCK_O·BLOCK_I] and contracts it with every query block by a second
+  ``tl.dot`` against the matching Q̂ tile. P̂ ∘ W is built once per example and tile and
+  reused by all queries.
 * Accumulation: each program owns rows [split, example block, :] of a zeroed float32
   buffer partial[n_split, B, Q] (read-modify-write by that program only), and the launcher
   sums over splits in a fixed order. No atomics: scores are bitwise reproducible run to run
   on one device, and n_split stays small (≈ 4 programs per SM in all).
-* Precision: operands are float32 (fp16/bf16 inputs are upcast on load, which also avoids
-  the interpreter's wrong bf16 ``tl.dot``); ``tl.dot`` uses :func:`~fastinf.kernels.
-  dispatch.dot_precision` (default "tf32x3", ≈ float32) on GPU, exact float32 under the
-  interpreter. Offsets along example and query dimensions are int64.
+* Precision: operands are float32 (fp16/bf16 inputs, raw rows included, are upcast on
+  load, which also avoids the interpreter's wrong bf16 ``tl.dot``); ``tl.dot`` uses
+  :func:`~fastinf.kernels.dispatch.dot_precision` (default "tf32x3", ≈ float32) on GPU,
+  exact float32 under the interpreter. Offsets along example and query dimensions are int64.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from .._launch import cdiv, split_count
 from ..dispatch import dot_precision
 from .naive import Route, choose_route
 
-__all__ = ["project_score", "project_score_dense"]
+__all__ = ["project_score", "project_score_dense", "score_params"]
 
 # Untuned defaults chosen to stay well inside shared memory (≈ 100 KiB) on Ampere/Hopper;
 # every tl.dot dimension is ≥ 16 as the GPU requires.
@@ -81,6 +86,7 @@ def _bilinear_score_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_Q: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     i_b = tl.program_id(0)
@@ -103,14 +109,16 @@ def _bilinear_score_kernel(
         o_i = i_i * BLOCK_I + tl.arange(0, BLOCK_I)
         m_o = o_o < d_out
         m_i = o_i < d_in
-        # [BLOCK_O, BLOCK_I]; zero outside the layer so padded P̂ entries drop out
-        b_w = tl.load(
-            w_ptr + o_o[:, None] * s_wo + o_i[None, :] * s_wi,
-            mask=m_o[:, None] & m_i[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        if HAS_WEIGHT:
+            # [BLOCK_O, BLOCK_I]
+            b_w = tl.load(
+                w_ptr + o_o[:, None] * s_wo + o_i[None, :] * s_wi,
+                mask=m_o[:, None] & m_i[None, :],
+                other=0.0,
+            ).to(tl.float32)
 
-        # [BLOCK_B, BLOCK_O, BLOCK_I]: P̂_b ∘ W for the examples of this block
+        # [BLOCK_B, BLOCK_O, BLOCK_I]: P̂_b (∘ W) for the examples of this block; padded
+        # entries are zero because the L and R loads are masked
         b_a = tl.zeros([BLOCK_B, BLOCK_O, BLOCK_I], dtype=tl.float32)
         p_l = lhs_ptr + b0.to(tl.int64) * s_lb
         p_r = rhs_ptr + b0.to(tl.int64) * s_rb
@@ -124,15 +132,17 @@ def _bilinear_score_kernel(
                     p_l + o_k[None, :].to(tl.int64) * s_lk + o_o[:, None] * s_lo,
                     mask=m_o[:, None] & m_k[None, :],
                     other=0.0,
-                )
+                ).to(tl.float32)
                 # [BLOCK_K, BLOCK_I]
                 b_r = tl.load(
                     p_r + o_k[:, None].to(tl.int64) * s_rk + o_i[None, :] * s_ri,
                     mask=m_k[:, None] & m_i[None, :],
                     other=0.0,
-                )
+                ).to(tl.float32)
                 b_p = tl.dot(b_l, b_r, b_p, input_precision=DOT_PRECISION)
-            b_a = tl.where(o_bl[:, None, None] == j, (b_p * b_w)[None, :, :], b_a)
+            if HAS_WEIGHT:
+                b_p = b_p * b_w
+            b_a = tl.where(o_bl[:, None, None] == j, b_p[None, :, :], b_a)
             p_l += s_lb
             p_r += s_rb
         # [BLOCK_B, BLOCK_O * BLOCK_I], row-major over (o, i) like the query offsets below
@@ -171,17 +181,18 @@ def _bilinear_score(
     rhs_strides: tuple[int, int, int],
     n_b: int,
     n_k: int,
-    inv_damped: torch.Tensor,
+    inv_damped: torch.Tensor | None,
     queries: torch.Tensor,
 ) -> torch.Tensor:
     """scores[b, q] = Σ_{o,i} (Σ_k L_b[k,o] R_b[k,i]) · W[o,i] · Q̂[q,o,i].
 
     Args:
-        lhs, rhs: float32 storage of L and R; ``*_strides`` are their (batch, k, o|i)
-            element strides (batch stride 0 for an operand shared by all examples).
+        lhs, rhs: storage of L and R (float32, float16 or bfloat16; upcast on load);
+            ``*_strides`` are their (batch, k, o|i) element strides (batch stride 0 for an
+            operand shared by all examples).
         n_b: B; n_k: K.
-        inv_damped: [d_out, d_in] W.
-        queries: [Q, d_out, d_in] Q̂.
+        inv_damped: [d_out, d_in] W, or None for W = 1 (the kernel skips the multiply).
+        queries: [Q, d_out, d_in] Q̂ (or V for parameter-space queries).
 
     Returns:
         [B, Q] float32 scores.
@@ -206,7 +217,7 @@ def _bilinear_score(
         n_q,
         *lhs_strides,
         *rhs_strides,
-        *inv_damped.stride(),
+        *(inv_damped.stride() if inv_damped is not None else (0, 0)),
         *queries.stride(),
         *partial.stride(),
         BLOCK_B=BLOCK_B,
@@ -214,6 +225,7 @@ def _bilinear_score(
         BLOCK_I=BLOCK_I,
         BLOCK_K=BLOCK_K,
         BLOCK_Q=BLOCK_Q,
+        HAS_WEIGHT=inv_damped is not None,
         DOT_PRECISION=dot_precision(),
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
@@ -284,3 +296,15 @@ def project_score_dense(
         rhs, rhs_strides = eigvecs_act, (0, *eigvecs_act.stride())
         n_k = d_in
     return _bilinear_score(lhs, lhs_strides, rhs, rhs_strides, n_b, n_k, inv_damped, queries)
+
+
+def score_params(act: torch.Tensor, grad: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Triton version of :func:`fastinf.kernels.score.naive.score_params` (same contract).
+
+    The raw rows go to the kernel as they are (any strides, float32/16 or bfloat16), with
+    L_b = grad_b, R_b = act_b, K = M and the W multiply switched off.
+
+    Returns float32 scores [B, Q].
+    """
+    n_b, n_rows, _ = act.shape
+    return _bilinear_score(grad, grad.stride(), act, act.stride(), n_b, n_rows, None, queries)
