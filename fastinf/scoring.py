@@ -17,6 +17,7 @@ from torch import Tensor
 from .artifacts import check_provenance, load_artifact, save_artifact
 from .curvature import LayerGrads
 from .gradients import BlockConsumer
+from .kernels import score_params
 
 __all__ = ["InfluenceResult", "QueryCache", "ScoreAccumulator", "TopK"]
 
@@ -80,8 +81,9 @@ class QueryCache:
 class ScoreAccumulator(BlockConsumer):
     """Layer consumer: scores[b, q] += ⟨V_q, G_b⟩ for each layer as its rows arrive.
 
-    G_b = Σ_m b_m a_mᵀ is formed for one layer at a time ([B, d_out, d_in]) and contracted
-    with all cached V_q at once; scores accumulate in float64 in backward-layer order.
+    The contraction is `fastinf.kernels.score_params` (the fused Triton kernel on CUDA, which
+    never writes G_b = Σ_m b_m a_mᵀ to memory; the PyTorch reference elsewhere); scores
+    accumulate in float64 in backward-layer order.
     """
 
     def __init__(self, layers, cache: QueryCache):
@@ -95,10 +97,9 @@ class ScoreAccumulator(BlockConsumer):
     def __call__(self, name: str, act: Tensor, grad: Tensor) -> None:
         act, grad = self.example_rows(act, grad)
         query_weight, query_bias = self.cache.preconditioned[name]
-        grads = torch.einsum("bmo,bmi->boi", grad, act).flatten(1)
-        layer = grads @ query_weight.flatten(1).to(grads).T
+        layer = score_params(act, grad, query_weight.to(act))
         if query_bias is not None:
-            layer = layer + grad.sum(1) @ query_bias.to(grads).T
+            layer = layer + grad.sum(1) @ query_bias.to(grad).T
         self.scores[self.part] += layer.double().cpu()
 
 
