@@ -20,7 +20,7 @@ from .config import CurvatureConfig, config_from_dict
 from .diffusion import NoiseSchedule, Purpose
 from .gradients import DrawSpec, backprop_curvature_seed, example_blocks
 from .kernels import eigval_accumulate
-from .layers import LayerInfo, capture_layers
+from .layers import LayerCall, LayerInfo, capture_layers
 from .progress import progress_bar
 
 __all__ = ["Curvature", "CurvatureError", "LayerCurvature", "LayerGrads", "fit_curvature"]
@@ -71,8 +71,8 @@ class _FactorSums:
         }
         self.act_count = dict.fromkeys(layers, 0)
 
-    def __call__(self, name: str, act: Tensor, grad: Tensor) -> None:
-        act, grad = _upcast(act), _upcast(grad)
+    def __call__(self, name: str, call: LayerCall) -> None:
+        act, grad = (_upcast(rows) for rows in call.rows())
         if self.approx == "expand":
             rows_act, rows_grad = act.flatten(0, 1), grad.flatten(0, 1)
             self.act_count[name] += rows_act.shape[0]
@@ -94,8 +94,8 @@ class _EigvalSums:
         self.weight = {n: torch.zeros_like(c.eigvals_weight) for n, c in curvature.items()}
         self.bias = {n: torch.zeros_like(c.eigvals_grad) for n, c in curvature.items()}
 
-    def __call__(self, name: str, act: Tensor, grad: Tensor) -> None:
-        act, grad = _upcast(act), _upcast(grad)
+    def __call__(self, name: str, call: LayerCall) -> None:
+        act, grad = (_upcast(rows) for rows in call.rows())
         eigvecs_act, eigvecs_grad = (q.to(act.dtype) for q in self.eigvecs[name])
         for start in range(0, act.shape[0], self._CHUNK):
             chunk = slice(start, start + self._CHUNK)

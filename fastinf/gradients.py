@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import UNCONDITIONAL, batch_cond
 from .diffusion import Measurement, NoiseSchedule, make_draws, output_noise
+from .layers import LayerCall
 
 __all__ = [
     "BlockConsumer",
@@ -204,7 +205,7 @@ class BlockConsumer:
     """Base of the layer consumers that fill per-example results for a block of examples.
 
     `reset(B)` starts a block; `set_pass(offset, count)` says which examples of the block the
-    next backward pass covers; `example_rows` reshapes a layer's rows to [count, K·R, d].
+    next backward pass covers (`count` examples, their draws consecutive in the items).
     """
 
     def __init__(self, layers):
@@ -218,12 +219,6 @@ class BlockConsumer:
     def set_pass(self, offset: int, count: int) -> None:
         self.part = slice(offset, offset + count)
         self.count = count
-
-    def example_rows(self, act: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
-        return (
-            act.reshape(self.count, -1, act.shape[-1]),
-            grad.reshape(self.count, -1, grad.shape[-1]),
-        )
 
 
 class PerExampleGradients(BlockConsumer):
@@ -243,16 +238,16 @@ class PerExampleGradients(BlockConsumer):
         """name → (weight [B, d_out, d_in], bias [B, d_out] or None)."""
         return {name: (weight, self.bias.get(name)) for name, weight in self.weight.items()}
 
-    def __call__(self, name: str, act: Tensor, grad: Tensor) -> None:
-        act, grad = self.example_rows(act, grad)
+    def __call__(self, name: str, call: LayerCall) -> None:
         info = self.layers[name]
+        weight, bias = call.example_gradients(self.count)
         if name not in self.weight:
-            self.weight[name] = grad.new_zeros(self.num_examples, info.d_out, info.d_in)
+            self.weight[name] = weight.new_zeros(self.num_examples, info.d_out, info.d_in)
             if info.has_bias:
-                self.bias[name] = grad.new_zeros(self.num_examples, info.d_out)
-        self.weight[name][self.part] += torch.einsum("bmo,bmi->boi", grad, act)
-        if info.has_bias:
-            self.bias[name][self.part] += grad.sum(1)
+                self.bias[name] = weight.new_zeros(self.num_examples, info.d_out)
+        self.weight[name][self.part] += weight
+        if bias is not None:
+            self.bias[name][self.part] += bias
 
 
 def draw_passes(

@@ -6,11 +6,12 @@ normalisation layers (GroupNorm, LayerNorm, BatchNorm), embeddings, other parame
 excluded from both the curvature and the gradients, so scores are over the tracked
 parameters only.
 
-For one forward/backward pass over n items, a tracked layer delivers
-`act` [n, R, d_in] (layer inputs, unfolded for convolutions) and `grad` [n, R, d_out]
-(gradients of the backward seed w.r.t. the layer outputs), with R positions per item.
-A module called several times in one forward contributes each call as more positions;
-its rows are concatenated before delivery, so consumers always see the whole gradient.
+For one forward/backward pass over n items, a tracked layer delivers a `LayerCall`: its
+rows `act` [n, R, d_in] (layer inputs, unfolded for convolutions) and `grad` [n, R, d_out]
+(gradients of the backward seed w.r.t. the layer outputs), R positions per item, or
+per-example gradients formed without unfolding. A module called several times in one
+forward contributes each call as more positions, delivered together, so consumers always
+see the whole gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerInfo", "capture_layers", "find_layers", "layer_rows"]
+__all__ = ["LayerCall", "LayerInfo", "capture_layers", "find_layers", "layer_rows"]
 
 EXCLUDED_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
@@ -121,13 +122,62 @@ def layer_rows(info: LayerInfo, inputs: Tensor, output_grad: Tensor) -> tuple[Te
     return act, grad
 
 
+class LayerCall:
+    """What one backward pass delivers for one tracked layer: every call's inputs and
+    output-gradients (n items each), with the two ways consumers read them."""
+
+    def __init__(self, info: LayerInfo, inputs: list[Tensor], output_grads: list[Tensor]):
+        self.info, self.inputs, self.output_grads = info, inputs, output_grads
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        """a_r [n, R, d_in] and b_r [n, R, d_out], every call's positions concatenated."""
+        rows = [
+            layer_rows(self.info, x, g) for x, g in zip(self.inputs, self.output_grads, strict=True)
+        ]
+        if len(rows) == 1:
+            return rows[0]
+        return torch.cat([r[0] for r in rows], dim=1), torch.cat([r[1] for r in rows], dim=1)
+
+    def example_gradients(self, num_examples: int) -> tuple[Tensor, Tensor | None]:
+        """Per-example gradients (weight [B, d_out, d_in], bias [B, d_out] or None), summed
+        over the n / B consecutive items (draws) of each example and over every call.
+
+        Convolutions use the weight-gradient convolution with examples as groups, which
+        never unfolds the input (unfolding costs more than the whole backward pass).
+        """
+        if self.info.kind != "conv2d":
+            act, grad = self.rows()
+            act = act.reshape(num_examples, -1, act.shape[-1])
+            grad = grad.reshape(num_examples, -1, grad.shape[-1])
+            bias = grad.sum(1) if self.info.has_bias else None
+            return torch.einsum("bmo,bmi->boi", grad, act), bias
+        conv, weight, bias = self.info.module, 0, 0
+        for inputs, grads in zip(self.inputs, self.output_grads, strict=True):
+            draws = inputs.shape[0] // num_examples
+            grouped_in = inputs.reshape(num_examples, draws, *inputs.shape[1:]).transpose(0, 1)
+            grouped_grad = grads.reshape(num_examples, draws, *grads.shape[1:]).transpose(0, 1)
+            shape = (num_examples * self.info.d_out, *conv.weight.shape[1:])
+            weight = weight + torch.nn.grad.conv2d_weight(
+                grouped_in.reshape(draws, -1, *inputs.shape[2:]),
+                shape,
+                grouped_grad.reshape(draws, -1, *grads.shape[2:]),
+                stride=conv.stride,
+                padding=_conv_padding(conv),
+                dilation=conv.dilation,
+                groups=num_examples,
+            )
+            bias = bias + grads.reshape(num_examples, -1, grads.shape[1], grads[0, 0].numel()).sum(
+                (1, 3)
+            )
+        weight = weight.reshape(num_examples, self.info.d_out, self.info.d_in)
+        return weight, (bias if self.info.has_bias else None)
+
+
 class _Capture:
     """Forward hooks that record each tracked call; gradient hooks that deliver complete
     (act, grad) rows once per layer per backward pass."""
 
-    def __init__(
-        self, layers: dict[str, LayerInfo], consumer: Callable[[str, Tensor, Tensor], None]
-    ):
+    def __init__(self, layers: dict[str, LayerInfo], consumer: Callable[[str, LayerCall], None]):
         self.layers = layers
         self.consumer = consumer
         self.handles: list = []
@@ -161,12 +211,12 @@ class _Capture:
         return hook
 
     def _deliver(self, name: str) -> None:
-        info, calls, grads = self.layers[name], self.inputs[name], self.grads[name]
-        rows = [layer_rows(info, calls[c], grads[c]) for c in sorted(grads)]
+        calls, grads = self.inputs[name], self.grads[name]
+        order = sorted(grads)
         self.inputs[name], self.grads[name] = [], {}
-        act = torch.cat([r[0] for r in rows], dim=1) if len(rows) > 1 else rows[0][0]
-        grad = torch.cat([r[1] for r in rows], dim=1) if len(rows) > 1 else rows[0][1]
-        self.consumer(name, act, grad)
+        self.consumer(
+            name, LayerCall(self.layers[name], [calls[c] for c in order], [grads[c] for c in order])
+        )
 
     def backward(self, model_output: Tensor, seed: Tensor) -> None:
         """Back-propagate `seed` from `model_output` to the tracked layer outputs only.
@@ -184,10 +234,10 @@ class _Capture:
 
 @contextmanager
 def capture_layers(
-    layers: dict[str, LayerInfo], consumer: Callable[[str, Tensor, Tensor], None]
+    layers: dict[str, LayerInfo], consumer: Callable[[str, LayerCall], None]
 ) -> Iterator[_Capture]:
     """Hook `layers`; `.backward(output, seed)` on the yielded object calls
-    `consumer(name, act, grad)` once per layer with every call's rows concatenated."""
+    `consumer(name, call)` once per layer with a `LayerCall` holding every call."""
     capture = _Capture(layers, consumer)
     try:
         for name, info in layers.items():

@@ -18,6 +18,7 @@ from .artifacts import check_provenance, load_artifact, save_artifact
 from .curvature import LayerGrads
 from .gradients import BlockConsumer
 from .kernels import score_params
+from .layers import LayerCall
 
 __all__ = ["InfluenceResult", "QueryCache", "ScoreAccumulator", "TopK"]
 
@@ -81,9 +82,11 @@ class QueryCache:
 class ScoreAccumulator(BlockConsumer):
     """Layer consumer: scores[b, q] += ⟨V_q, G_b⟩ for each layer as its rows arrive.
 
-    The contraction is `fastinf.kernels.score_params` (the fused Triton kernel on CUDA, which
-    never writes G_b = Σ_m b_m a_mᵀ to memory; the PyTorch reference elsewhere); scores
-    accumulate in float64 in backward-layer order.
+    Linear layers (few rows) contract their rows with `fastinf.kernels.score_params` (the
+    fused Triton kernel on CUDA never writes G_b = Σ_m b_m a_mᵀ to memory); convolutions form
+    G_b [B, d_out, d_in] for one layer at a time with the grouped weight-gradient
+    convolution and contract it with one GEMM. Scores accumulate in float64 in
+    backward-layer order.
     """
 
     def __init__(self, layers, cache: QueryCache):
@@ -94,12 +97,21 @@ class ScoreAccumulator(BlockConsumer):
         super().reset(num_examples)
         self.scores = torch.zeros(num_examples, self.cache.num_queries, dtype=torch.float64)
 
-    def __call__(self, name: str, act: Tensor, grad: Tensor) -> None:
-        act, grad = self.example_rows(act, grad)
+    def __call__(self, name: str, call: LayerCall) -> None:
         query_weight, query_bias = self.cache.preconditioned[name]
-        layer = score_params(act, grad, query_weight.to(act))
+        if call.info.kind == "conv2d":
+            # Unfolding a convolution's input costs more than the whole backward pass, so
+            # its per-example gradients come from the grouped weight-gradient convolution.
+            weight, bias = call.example_gradients(self.count)
+            layer = weight.flatten(1) @ query_weight.flatten(1).to(weight).T
+        else:
+            act, grad = call.rows()
+            act = act.reshape(self.count, -1, act.shape[-1])
+            grad = grad.reshape(self.count, -1, grad.shape[-1])
+            layer = score_params(act, grad, query_weight.to(act))
+            bias = grad.sum(1) if query_bias is not None else None
         if query_bias is not None:
-            layer = layer + grad.sum(1) @ query_bias.to(grad).T
+            layer = layer + bias @ query_bias.to(bias).T
         self.scores[self.part] += layer.double().cpu()
 
 

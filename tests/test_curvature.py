@@ -194,7 +194,8 @@ def test_ekfac_eigenvalues_sum_to_trace_of_the_per_draw_ggn(conv_model, conv_dat
     curvature = engine.fit(CurvatureConfig(factor_draws=1, eigval_draws=1, batch_size=1))
     recorder = {}
 
-    def consumer(name, act, grad):
+    def consumer(name, call):
+        act, grad = call.rows()
         recorder[name] = torch.einsum("nro,nri->noi", grad, act).square().sum((1, 2)).mean()
 
     from fastinf.gradients import DrawSpec, backprop_curvature_seed, example_blocks

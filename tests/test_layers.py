@@ -44,9 +44,11 @@ def brute_force_patches(conv: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
 class Recorder:
     def __init__(self):
         self.calls = []
+        self.layer_calls = []
 
-    def __call__(self, name, act, grad):
-        self.calls.append((name, act, grad))
+    def __call__(self, name, call):
+        self.calls.append((name, *call.rows()))
+        self.layer_calls.append(call)
 
 
 @pytest.mark.parametrize("variant", CONV_VARIANTS)
@@ -66,6 +68,14 @@ def test_conv_rows_match_brute_force_patches(variant):
     # Σ_r b_r a_rᵀ is the weight gradient of ⟨out, seed⟩.
     (weight_grad,) = torch.autograd.grad((model(inputs) * seed).sum(), model[0].weight)
     torch.testing.assert_close(torch.einsum("nro,nri->oi", grad, act), weight_grad.flatten(1))
+    # Per-example gradients without unfolding (grouped weight-gradient convolution), 2 draws
+    # per example, against the rows.
+    weight, bias = recorder.layer_calls[0].example_gradients(2)
+    expected = torch.einsum(
+        "bmo,bmi->boi", grad.reshape(2, -1, 3), act.reshape(2, -1, act.shape[-1])
+    )
+    torch.testing.assert_close(weight, expected)
+    torch.testing.assert_close(bias, grad.reshape(2, -1, 3).sum(1))
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
