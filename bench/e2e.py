@@ -2,8 +2,8 @@
 
 Run from the repository root (not collected by pytest):
 
-    .venv/bin/python bench/e2e.py            # full run, ~15 min on a 2-core CPU
-    .venv/bin/python bench/e2e.py --quick    # ~3 min
+    .venv/bin/python bench/e2e.py            # full run, ~13-16 min on a 2-core CPU
+    .venv/bin/python bench/e2e.py --quick    # ~2-3 min
 
 On the embedded digits DDPM (`load_digits_model`, `default_schedule`, `load_digits_dataset`)
 it times, side by side in this one process:
@@ -161,7 +161,8 @@ class Context:
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
-    """(`fn()`, its wall seconds, the 1-minute load average just before it)."""
+    """(`fn()`, its wall seconds, the higher 1-minute load average of just before and just
+    after it; this process's own threads add about their number to it)."""
     load = load_1m()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -169,7 +170,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
     result = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start, load
+    return result, time.perf_counter() - start, max(load, load_1m())
 
 
 # -- the floor -----------------------------------------------------------------------------
@@ -237,7 +238,7 @@ class Plan:
 
 
 def make_plan(quick: bool, num_train: int) -> Plan:
-    """Full: all N against 256 queries (the issue's target), ~15 min on 2 cores; quick: ~3 min."""
+    """Full: all N against 256 queries (the issue target), ~13-16 min on 2 cores; quick: ~2-3."""
     if quick:
         return Plan((256, 64, 32), (64, 128, 256), (1, 16, 64), (4, 8, 16, 32), 64, 3)
     return Plan(
@@ -448,7 +449,7 @@ def summarise(rows: list[Row], plan: Plan, total_s: float, mismatch: float) -> l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="~3 minute version")
+    parser.add_argument("--quick", action="store_true", help="~2-3 minute version")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
         "--max-load", type=float, default=1.5, help="wait until the 1-min load is below this"

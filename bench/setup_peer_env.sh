@@ -25,8 +25,6 @@ check_torch() {
 }
 
 python3 -m venv "$VENV"
-# The peer venv is a build output: keep it out of git without touching .gitignore.
-echo '*' > "$VENV/.gitignore"
 "$PIP" install --quiet "torch==$TORCH_VERSION"
 check_torch "torch"
 "$PIP" install --quiet "torch==$TORCH_VERSION" accelerate einops einconv opt-einsum safetensors \
