@@ -7,6 +7,8 @@ result = engine.topk(generated_images, k=10)  # proponents and opponents per que
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -173,7 +175,7 @@ class InfluenceEngine:
 
     def prepare_queries(self, queries: Tensor, cond=None) -> QueryCache:
         """Query gradients, preconditioned by (G + λI)⁻¹ once and cached for scoring."""
-        curvature = self._require_curvature()
+        self._require_curvature()
         block = self._query_block(queries, cond)
         parts = []
         step = self.config.query_batch_size
@@ -185,13 +187,23 @@ class InfluenceEngine:
                 None if block.cond is None else block.cond[part],
             )
             grads = self._gradients(sub, self._query_spec(), self._measurement())
-            pre = curvature.precondition(grads, self.config.damping, self.config.damping_mode)
-            pre = {
-                n: (w.to(self.dtype), None if b is None else b.to(self.dtype))
-                for n, (w, b) in pre.items()
-            }
-            parts.append(QueryCache(pre, sub.ids, self.query_meta()))
+            parts.append(self.precondition_queries(grads, sub.ids))
         return QueryCache.concat(parts)
+
+    def precondition_queries(self, grads: LayerGrads, query_ids: Tensor) -> QueryCache:
+        """Cache (G + λI)⁻¹ ∇m for query gradients from `query_gradients` (ids: their
+        `query_ids`), e.g. to precondition one set of gradients at several dampings."""
+        curvature = self._require_curvature()
+        pre = curvature.precondition(grads, self.config.damping, self.config.damping_mode)
+        pre = {
+            n: (w.to(self.dtype), None if b is None else b.to(self.dtype))
+            for n, (w, b) in pre.items()
+        }
+        return QueryCache(pre, query_ids, self.query_meta())
+
+    def query_ids(self, queries: Tensor, cond=None) -> Tensor:
+        """The content ids [Q] that seed each query's draws (independent of batching)."""
+        return self._query_block(queries, cond).ids
 
     # -- scoring ---------------------------------------------------------------------------
     def score(
@@ -215,12 +227,61 @@ class InfluenceEngine:
             check_provenance("query cache", cache.meta, self.query_meta())
         total = len(self.train_set) if indices is None else len(indices)
         k = min(k, total)
-        accumulator = ScoreAccumulator(self.layers, cache)
-        objective = resolve_measurement(self.config.train_objective)
-        spec = DrawSpec(Purpose.TRAIN_GRADIENT, self.config.train_draws, self.config.seed)
         top = empty_topk(cache.num_queries, k, largest=True, dtype=torch.float64)
         bottom = empty_topk(cache.num_queries, k, largest=False, dtype=torch.float64)
         columns, seen = [], 0
+        for block_scores in self._stream_scores(cache, indices, self._train_spec()):
+            # The running top-k holds positions in the scoring order; ties go to the earlier.
+            top = topk_merge(*top, block_scores, seen, largest=True)
+            bottom = topk_merge(*bottom, block_scores, seen, largest=False)
+            if return_scores:
+                columns.append(block_scores.T.clone())
+            seen += block_scores.shape[0]
+        scores = torch.cat(columns, dim=1) if return_scores else None
+        order = (
+            torch.arange(total) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+        )
+        proponents, opponents = (
+            TopK(torch.where(pos >= 0, order[pos.clamp_min(0)], -1), values)
+            for values, pos in (top, bottom)
+        )
+        return InfluenceResult(proponents, opponents, scores, cache.query_ids)
+
+    def score_matrices(
+        self,
+        caches: list[QueryCache],
+        *,
+        indices: list[int] | None = None,
+        draw_offset: int = 0,
+        num_draws: int | None = None,
+    ) -> list[Tensor]:
+        """Full score matrices [Q_i, N] of several query caches in one pass over the data.
+
+        The caches may come from different curvatures, dampings or measurements (a damping
+        sweep, the baselines of an evaluation) as long as they were prepared for this model
+        and training set: the train gradients are computed once and contracted with all of
+        them. Train gradients are the mean over draws `draw_offset .. draw_offset +
+        num_draws - 1` (default: the configured K from 0), so disjoint draw ranges can be
+        scored separately and averaged, weighted by their draw counts, into any K.
+        """
+        for cache in caches:
+            meta = {key: cache.meta.get(key) for key in self.provenance}
+            check_provenance("query cache", meta, self.provenance)
+        joined = QueryCache.concat(caches)
+        spec = self._train_spec(draw_offset, num_draws)
+        columns = [block.T for block in self._stream_scores(joined, indices, spec)]
+        matrix = torch.cat(columns, dim=1)
+        return list(matrix.split([cache.num_queries for cache in caches]))
+
+    def _train_spec(self, draw_offset: int = 0, num_draws: int | None = None) -> DrawSpec:
+        count = self.config.train_draws if num_draws is None else num_draws
+        return DrawSpec(Purpose.TRAIN_GRADIENT, count, self.config.seed, draw_offset)
+
+    def _stream_scores(self, cache: QueryCache, indices: list[int] | None, spec: DrawSpec):
+        """Yield the [B, Q] float64 scores of each block of training examples, in order."""
+        total = len(self.train_set) if indices is None else len(indices)
+        accumulator = ScoreAccumulator(self.layers, cache)
+        objective = resolve_measurement(self.config.train_objective)
         with (
             self._eval(),
             capture_layers(self.layers, accumulator) as capture,
@@ -240,22 +301,17 @@ class InfluenceEngine:
                     spec,
                     self.config.batch_size,
                 )
-                # The running top-k holds positions in the scoring order; ties go to the earlier.
-                top = topk_merge(*top, accumulator.scores, seen, largest=True)
-                bottom = topk_merge(*bottom, accumulator.scores, seen, largest=False)
-                if return_scores:
-                    columns.append(accumulator.scores.T.clone())
-                seen += block.ids.numel()
+                yield accumulator.scores
                 bar.update(block.ids.numel())
-        scores = torch.cat(columns, dim=1) if return_scores else None
-        order = (
-            torch.arange(total) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
-        )
-        proponents, opponents = (
-            TopK(torch.where(pos >= 0, order[pos.clamp_min(0)], -1), values)
-            for values, pos in (top, bottom)
-        )
-        return InfluenceResult(proponents, opponents, scores, cache.query_ids)
+
+    def with_config(self, curvature: Curvature | None = None, **changes) -> InfluenceEngine:
+        """A view of this engine (same model and data) with `ScoreConfig` fields changed
+        and, if given, another fitted curvature; the original engine is left as it was."""
+        view = copy.copy(self)
+        view.config = dataclasses.replace(self.config, **changes)
+        if curvature is not None:
+            view.curvature = curvature
+        return view
 
     topk = score
 
@@ -274,8 +330,8 @@ class InfluenceEngine:
     def train_gradients(self, indices: list[int]) -> LayerGrads:
         """∇ℓ(θ, x_n) for the given training examples (K draws each), materialised."""
         block = self._train_block(next(example_blocks(self.train_set, len(indices), indices)))
-        spec = DrawSpec(Purpose.TRAIN_GRADIENT, self.config.train_draws, self.config.seed)
-        return self._gradients(block, spec, resolve_measurement(self.config.train_objective))
+        objective = resolve_measurement(self.config.train_objective)
+        return self._gradients(block, self._train_spec(), objective)
 
     def self_influence(self, indices: list[int] | None = None) -> Tensor:
         """τ(n, n) = ∇ℓ_nᵀ (G + λI)⁻¹ ∇ℓ_n for each training example, [N] float64."""

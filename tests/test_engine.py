@@ -167,3 +167,29 @@ def test_config_validation_names_value_and_fix():
             random_dataset(3, (2, 5, 5)),
             config=ScoreConfig(measurement="timestep_loss"),
         ).query_gradients(torch.zeros(1, 2, 5, 5, dtype=torch.float64))
+
+
+def test_score_matrices_match_score_and_split_over_draw_ranges(engine):
+    """Several caches (two dampings) scored in one pass equal separate `score` calls, and
+    draw ranges averaged by their draw counts reproduce the K-draw scores."""
+    queries = torch.rand(
+        3, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    stiff = engine.with_config(damping=1.0, train_draws=4)
+    grads = stiff.query_gradients(queries)
+    ids = stiff.query_ids(queries)
+    caches = [
+        stiff.precondition_queries(grads, ids),
+        engine.with_config(train_draws=4).precondition_queries(grads, ids),
+    ]
+    joint = stiff.score_matrices(caches)
+    for cache, matrix in zip(caches, joint, strict=True):
+        view = stiff.with_config(damping=cache.meta["score_config"]["damping"])
+        expected = view.score(cache, k=2, return_scores=True).scores
+        torch.testing.assert_close(matrix, expected, rtol=1e-10, atol=1e-12)
+    first = stiff.score_matrices(caches, num_draws=1)
+    rest = stiff.score_matrices(caches, draw_offset=1, num_draws=3)
+    for whole, head, tail in zip(joint, first, rest, strict=True):
+        torch.testing.assert_close((head + 3 * tail) / 4, whole, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(joint[0], joint[1])
+    assert engine.config.damping == CONFIG.damping
