@@ -27,7 +27,13 @@ def _check_positive(owner: str, name: str, value: int) -> None:
 class CurvatureConfig:
     """How the (E)K-FAC approximation of the GGN is fitted (DESIGN §1, §2 step 1)."""
 
-    strategy: str = field(default="ekfac", metadata={"help": "'ekfac' or 'kfac'"})
+    strategy: str = field(
+        default="ekfac",
+        metadata={
+            "help": "'ekfac' or 'kfac'; baselines: 'identity' (gradient dot product), 'trak' "
+            "(GGN^loss of randomly projected per-example gradients, TRAK / D-TRAK)"
+        },
+    )
     ggn: str = field(
         default="model",
         metadata={
@@ -49,6 +55,17 @@ class CurvatureConfig:
     eigval_draws: int = field(
         default=4, metadata={"help": "fresh draws per example for the EK-FAC eigenvalues"}
     )
+    projection_dim: int = field(
+        default=4096,
+        metadata={"help": "'trak': dimension of the random projection of the gradients"},
+    )
+    objective: str = field(
+        default="loss",
+        metadata={
+            "help": "'trak': the per-example gradient projected and whose Fisher is fitted: "
+            "'loss' (TRAK) or 'square_norm' (D-TRAK); `factor_draws` draws per example"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the fitting draws"})
     batch_size: int = field(
         default=256, metadata={"help": "draws per forward/backward pass (speed only)"}
@@ -56,7 +73,9 @@ class CurvatureConfig:
 
     def __post_init__(self) -> None:
         owner = "CurvatureConfig"
-        _check_choice(owner, "strategy", self.strategy, ("ekfac", "kfac"))
+        _check_choice(owner, "strategy", self.strategy, ("ekfac", "kfac", "identity", "trak"))
+        _check_choice(owner, "objective", self.objective, ("loss", "square_norm"))
+        _check_positive(owner, "projection_dim", self.projection_dim)
         _check_choice(owner, "ggn", self.ggn, ("model", "loss"))
         _check_choice(owner, "mc", self.mc, ("sample", "exact"))
         _check_choice(owner, "kfac_approx", self.kfac_approx, ("expand", "reduce"))

@@ -9,6 +9,7 @@ block uses the same Q_S, with A = 1.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,7 +24,14 @@ from .kernels import eigval_accumulate
 from .layers import LayerCall, LayerInfo, capture_layers
 from .progress import progress_bar
 
-__all__ = ["Curvature", "CurvatureError", "LayerCurvature", "LayerGrads", "fit_curvature"]
+__all__ = [
+    "Curvature",
+    "CurvatureError",
+    "LayerCurvature",
+    "LayerGrads",
+    "as_kfac",
+    "fit_curvature",
+]
 
 LayerGrads = dict[str, tuple[Tensor, Tensor | None]]
 """Per-layer gradients: name → (weight [n, d_out, d_in], bias [n, d_out] or None)."""
@@ -200,16 +208,31 @@ class Curvature:
         save_artifact(directory, "curvature", tensors, meta)
 
     @classmethod
-    def load(cls, directory, expected_provenance: dict | None = None) -> Curvature:
-        """Load a saved curvature; check it was fitted for the expected model and dataset."""
+    def load(
+        cls,
+        directory,
+        expected_provenance: dict | None = None,
+        layer_info: dict[str, LayerInfo] | None = None,
+    ) -> Curvature:
+        """Load a saved curvature; check it was fitted for the expected model and dataset.
+
+        A 'trak' curvature also needs the model's `layer_info` (to regenerate its sketches).
+        """
         tensors, meta = load_artifact(directory, "curvature")
         if expected_provenance is not None:
             check_provenance("curvature", meta["provenance"], expected_provenance)
+        config = config_from_dict(CurvatureConfig, meta["config"])
+        if config.strategy == "trak":
+            from .projection import ProjectedCurvature
+
+            if layer_info is None:
+                raise ValueError("loading a 'trak' curvature needs the model's layer_info.")
+            return ProjectedCurvature.from_artifact(tensors, meta, config, layer_info)
         layers = {}
         for name in meta["layers"]:
             fields = {k: tensors.get(f"{name}::{k}") for k in LayerCurvature.__dataclass_fields__}
             layers[name] = LayerCurvature(**fields)
-        return cls(layers, config_from_dict(CurvatureConfig, meta["config"]), meta["provenance"])
+        return cls(layers, config, meta["provenance"])
 
 
 def _draws_per_item(config: CurvatureConfig, sample_shape) -> int:
@@ -270,10 +293,25 @@ def fit_curvature(
     The model is run in eval mode. Returns a `Curvature` on the model's device.
     """
     config = config or CurvatureConfig()
+    if config.strategy == "identity":
+        return _identity_curvature(layers, config, provenance, next(model.parameters()).device)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
+        if config.strategy == "trak":
+            from .projection import fit_projected
+
+            return fit_projected(
+                model,
+                layers,
+                schedule,
+                dataset,
+                config,
+                provenance=provenance,
+                indices=indices,
+                num_workers=num_workers,
+            )
         sums = _FactorSums(layers, config.kfac_approx, device)
         num_draws = _curvature_pass(
             model,
@@ -329,3 +367,37 @@ def fit_curvature(
     finally:
         model.train(was_training)
     return Curvature(fitted, config, dict(provenance or {}))
+
+
+def _identity_curvature(layers, config, provenance, device) -> Curvature:
+    """G = I (every eigenvalue 1): τ = ∇m_qᵀ ∇ℓ_n / (1 + λ), the gradient dot product."""
+    fitted = {}
+    for name, info in layers.items():
+        eye_act = torch.eye(info.d_in, dtype=torch.float64, device=device)
+        eye_grad = torch.eye(info.d_out, dtype=torch.float64, device=device)
+        ones_act = torch.ones(info.d_in, dtype=torch.float64, device=device)
+        ones_grad = torch.ones(info.d_out, dtype=torch.float64, device=device)
+        fitted[name] = LayerCurvature(
+            eye_act,
+            eye_grad,
+            ones_act,
+            eye_act.clone(),
+            ones_grad,
+            eye_grad.clone(),
+            torch.outer(ones_grad, ones_act),
+            ones_grad.clone() if info.has_bias else None,
+        )
+    return Curvature(fitted, config, dict(provenance or {}))
+
+
+def as_kfac(curvature: Curvature) -> Curvature:
+    """The K-FAC curvature (Λ = λ_S λ_Aᵀ) sharing an EK-FAC fit's factors and eigenbases."""
+    layers = {}
+    for name, layer in curvature.layers.items():
+        fields = dict(vars(layer))
+        fields["eigvals_weight"] = torch.outer(layer.eigvals_grad, layer.eigvals_act)
+        if layer.eigvals_bias is not None:
+            fields["eigvals_bias"] = layer.eigvals_grad.clone()
+        layers[name] = LayerCurvature(**fields)
+    config = dataclasses.replace(curvature.config, strategy="kfac")
+    return Curvature(layers, config, dict(curvature.provenance))

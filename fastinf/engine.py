@@ -107,7 +107,7 @@ class InfluenceEngine:
 
     def load_curvature(self, directory: str | os.PathLike) -> Curvature:
         """Load a curvature saved by `save_curvature`; it must match this model and dataset."""
-        self.curvature = Curvature.load(directory, self.provenance).to(self.device)
+        self.curvature = Curvature.load(directory, self.provenance, self.layers).to(self.device)
         return self.curvature
 
     def _require_curvature(self) -> Curvature:
