@@ -1,4 +1,4 @@
-"""Command line: `fastinf train | fit | topk | demo` (run `fastinf COMMAND --help`).
+"""Command line: `fastinf train | fit | topk | lds | demo` (run `fastinf COMMAND --help`).
 
 Without `--weights`/`--data` every command uses the embedded default (the shipped digits
 DDPM and scikit-learn's digits). Tensor files may be .safetensors (keys `images`, optional
@@ -8,6 +8,7 @@ DDPM and scikit-learn's digits). Tensor files may be .safetensors (keys `images`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -135,6 +136,61 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _lds_methods(names: str, damping: float, damping_mode: str, train_draws: int, query_draws: int):
+    from .lds import Method
+
+    draws = {"train_draws": train_draws, "query_draws": query_draws}
+    trak = CurvatureConfig(strategy="trak", factor_draws=train_draws)
+    known = {
+        "ekfac": Method("EK-FAC", CurvatureConfig(), damping, damping_mode, **draws),
+        "kfac": Method("K-FAC", CurvatureConfig(strategy="kfac"), damping, damping_mode, **draws),
+        "grad-dot": Method("gradient dot product", CurvatureConfig(strategy="identity"), **draws),
+        "trak": Method("TRAK", trak, 1e-2, "relative", **draws),
+        "dtrak": Method(
+            "D-TRAK",
+            dataclasses.replace(trak, objective="square_norm"),
+            1e-2,
+            "relative",
+            measurement="square_norm",
+            train_objective="square_norm",
+            **draws,
+        ),
+    }
+    chosen = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(known)}.")
+    return [known[name] for name in chosen]
+
+
+def _cmd_lds(args) -> int:
+    from .lds import LDSConfig, LDSRun
+    from .retrain import RetrainRecipe
+
+    config = LDSConfig(
+        num_train=args.num_train,
+        num_subsets=args.subsets,
+        fraction=args.fraction,
+        oracle_subsets=args.oracle_subsets,
+        num_queries=args.queries,
+        seed=args.seed,
+        recipe=RetrainRecipe(steps=args.steps),
+    )
+    methods = _lds_methods(
+        args.methods, args.damping, args.damping_mode, args.train_draws, args.query_draws
+    )
+    run = LDSRun(args.run_dir, config, num_workers=args.workers)
+    rows = run.evaluate(methods)
+    for row in rows:
+        print(f"{row['method']:<28} LDS {row['lds']:+.3f} ± {row['lds_sem']:.3f}")
+    if args.counterfactual:
+        rows += run.counterfactual(methods[0])
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+        print(f"rows written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastinf", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +230,33 @@ def build_parser() -> argparse.ArgumentParser:
     topk.add_argument("--seed", type=int, default=0, help="sampling seed for --generate")
     topk.add_argument("--out", help="write the JSON here instead of printing it")
     topk.set_defaults(run=_cmd_topk)
+
+    lds = commands.add_parser(
+        "lds", help="linear data-modelling score of methods on digits (retrains, cached)"
+    )
+    lds.add_argument("--run-dir", required=True, help="cache of models, fits and scores")
+    lds.add_argument(
+        "--methods", default="ekfac,grad-dot", help="comma list: ekfac,kfac,grad-dot,trak,dtrak"
+    )
+    lds.add_argument("--subsets", type=int, default=50, help="M retrained subsets")
+    lds.add_argument("--oracle-subsets", type=int, default=25, help="subsets with a 2nd seed")
+    lds.add_argument("--fraction", type=float, default=0.5, help="α kept per subset")
+    lds.add_argument("--num-train", type=int, default=1000, help="digits in the training set")
+    lds.add_argument("--queries", type=int, default=32, help="generated queries")
+    lds.add_argument("--steps", type=int, default=500, help="training steps of every model")
+    lds.add_argument("--damping", type=float, default=ScoreConfig.damping)
+    lds.add_argument(
+        "--damping-mode", choices=["absolute", "relative"], default=ScoreConfig.damping_mode
+    )
+    lds.add_argument("--train-draws", type=int, default=ScoreConfig.train_draws)
+    lds.add_argument("--query-draws", type=int, default=ScoreConfig.query_draws)
+    lds.add_argument("--workers", type=int, default=2, help="parallel retraining processes")
+    lds.add_argument("--seed", type=int, default=0)
+    lds.add_argument(
+        "--counterfactual", action="store_true", help="also retrain without top influences"
+    )
+    lds.add_argument("--out", help="write the rows as JSON here")
+    lds.set_defaults(run=_cmd_lds)
 
     demo = commands.add_parser(
         "demo", help="sample, fit, attribute and draw the grid on the digits default"

@@ -94,3 +94,17 @@ def test_cli_reports_mismatched_curvature_clearly(files, capsys):
     )
     assert code == 2
     assert "another model, dataset or configuration" in capsys.readouterr().err
+
+
+def test_lds_methods_are_engine_settings_and_unknown_ones_are_named(tmp_path, capsys):
+    from fastinf.cli import _lds_methods
+
+    methods = _lds_methods("ekfac,kfac,grad-dot,trak,dtrak", 1e-3, "relative", 8, 16)
+    assert [m.curvature.strategy for m in methods] == ["ekfac", "kfac", "identity", "trak", "trak"]
+    assert methods[0].damping == 1e-3 and methods[0].damping_mode == "relative"
+    assert all(m.train_draws == 8 and m.query_draws == 16 for m in methods)
+    assert methods[4].train_objective == "square_norm" == methods[4].measurement
+    assert methods[4].curvature.objective == "square_norm"
+    code = main(["lds", "--run-dir", str(tmp_path), "--methods", "ekfac,magic"])
+    assert code == 2
+    assert "unknown methods ['magic']" in capsys.readouterr().err

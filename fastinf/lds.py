@@ -1,0 +1,383 @@
+"""The LDS benchmark on digits: retrain on subsets, score with each method, compare.
+
+`LDSRun(run_dir, LDSConfig())` owns one benchmark directory:
+
+    run_dir/setup.json               the config the directory was made with
+    run_dir/models/                  base, subset, oracle and counterfactual models
+    run_dir/queries.safetensors      queries sampled from the base model
+    run_dir/curvature/<key>/         fitted curvatures
+    run_dir/scores/<key>.safetensors score matrices [Q, N] per method
+
+Everything is cached and reused, so an interrupted run resumes where it stopped and a
+rerun with more methods only scores the new ones. Methods are settings of the one engine
+(`Method`): EK-FAC and its variants, and the baselines (gradient dot product, TRAK, D-TRAK).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import CurvatureConfig, ScoreConfig
+from .curvature import as_kfac
+from .data import ImageTensorDataset, load_digits_dataset
+from .engine import InfluenceEngine
+from .evaluation import LDSResult, lds, oracle_lds, subset_masks
+from .models import default_schedule, digits_unet_config
+from .retrain import ModelStore, QueryProbe, RetrainJob, RetrainRecipe
+from .sampling import sample_ddpm
+
+__all__ = ["LDSConfig", "LDSRun", "Method", "default_methods"]
+
+
+@dataclass(frozen=True)
+class LDSConfig:
+    """The digits LDS benchmark (defaults fit in an hour on a 2-core CPU)."""
+
+    num_train: int = field(default=1000, metadata={"help": "digits in the training set"})
+    num_subsets: int = field(default=50, metadata={"help": "M: retrained subsets"})
+    fraction: float = field(default=0.5, metadata={"help": "α: fraction each subset keeps"})
+    oracle_subsets: int = field(
+        default=25, metadata={"help": "subsets retrained with a second seed (the oracle)"}
+    )
+    num_queries: int = field(default=32, metadata={"help": "queries sampled from the base model"})
+    sampling_steps: int | None = field(
+        default=None, metadata={"help": "DDPM steps when sampling the queries (None: all T)"}
+    )
+    measurement: str = field(default="loss", metadata={"help": "the measurement m under test"})
+    measurement_draws: int = field(
+        default=512, metadata={"help": "draws per query measurement, shared across models"}
+    )
+    seed: int = field(default=0, metadata={"help": "train set, subsets and queries"})
+    train_seed: int = field(default=0, metadata={"help": "seed of the base and subset models"})
+    oracle_seed: int = field(default=1, metadata={"help": "seed of the oracle replicates"})
+    recipe: RetrainRecipe = field(default_factory=RetrainRecipe)
+    counterfactual_queries: int = field(
+        default=4, metadata={"help": "queries for retraining without top influences"}
+    )
+    counterfactual_percents: tuple[float, ...] = (2.0, 10.0)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.oracle_subsets <= self.num_subsets:
+            raise ValueError(
+                f"oracle_subsets={self.oracle_subsets} must be between 0 and num_subsets="
+                f"{self.num_subsets}."
+            )
+        if self.counterfactual_queries > self.num_queries:
+            raise ValueError("counterfactual_queries cannot exceed num_queries.")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Method:
+    """An attribution method as a setting of the engine, with a label for tables."""
+
+    name: str
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    damping: float = 1e-8
+    damping_mode: str = "absolute"
+    train_draws: int = 32
+    query_draws: int = 64
+    measurement: str = "loss"
+    train_objective: str = "loss"
+
+    def key(self) -> str:
+        """A digest of every field that changes the scores (not the name)."""
+        fields = dataclasses.asdict(self)
+        fields.pop("name")
+        fields["curvature"] = self.curvature.fingerprint()
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def row(self) -> dict:
+        """The method's settings as flat table columns."""
+        return {
+            "method": self.name,
+            "strategy": self.curvature.strategy,
+            "ggn": self.curvature.ggn,
+            "kfac_approx": self.curvature.kfac_approx,
+            "damping": self.damping,
+            "damping_mode": self.damping_mode,
+            "train_draws": self.train_draws,
+            "query_draws": self.query_draws,
+            "measurement": self.measurement,
+            "train_objective": self.train_objective,
+        }
+
+
+def _curvature_key(config: CurvatureConfig) -> str:
+    text = json.dumps(config.fingerprint(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class LDSRun:
+    """One LDS benchmark directory: setup, retraining, scoring and evaluation, all cached.
+
+    Args:
+        run_dir: the directory (created; a directory made with another config is refused).
+        config: the benchmark settings.
+        num_workers: processes that retrain models in parallel (one thread each).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, config: LDSConfig, *, num_workers: int = 2):
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.num_workers = num_workers
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        setup = self.run_dir / "setup.json"
+        # Counts only add models, so a directory can grow (more subsets, more queries
+        # retrained without their top influences); anything else changes every model.
+        growable = ("num_subsets", "oracle_subsets", "counterfactual_queries")
+        recorded = json.loads(json.dumps(config.to_json()))
+        if setup.exists():
+            found = json.loads(setup.read_text())
+            if _without(found, growable) != _without(recorded, growable):
+                raise ValueError(
+                    f"{self.run_dir} holds a benchmark made with another config "
+                    f"({found}); use a new --run-dir or the same settings."
+                )
+        else:
+            setup.write_text(json.dumps(recorded, indent=1) + "\n")
+        generator = torch.Generator().manual_seed(config.seed)
+        digits = load_digits_dataset()
+        if not 1 < config.num_train <= len(digits):
+            raise ValueError(f"num_train must be in 2..{len(digits)}, got {config.num_train}.")
+        chosen = torch.randperm(len(digits), generator=generator)[: config.num_train]
+        self.train_set = ImageTensorDataset(digits.images[chosen].clone())
+        self.schedule = default_schedule()
+        self.store = ModelStore(
+            self.run_dir / "models",
+            digits_unet_config(),
+            self.train_set,
+            self.schedule,
+            config.recipe,
+        )
+        self.masks = subset_masks(
+            config.num_train, config.num_subsets, config.fraction, config.seed
+        )
+        self._engine: InfluenceEngine | None = None
+        self._queries: Tensor | None = None
+        self._curvatures: dict[str, object] = {}
+
+    # -- models and measurements -----------------------------------------------------------
+    def _job(self, name: str, kept: Tensor, seed: int) -> RetrainJob:
+        return RetrainJob(name, tuple(int(i) for i in kept.tolist()), seed)
+
+    def base_job(self) -> RetrainJob:
+        return self._job("base", torch.arange(self.config.num_train), self.config.train_seed)
+
+    def subset_jobs(self, seed: int, count: int) -> list[RetrainJob]:
+        return [
+            self._job(f"subset_{m:03d}_seed{seed}", self.masks[m].nonzero().flatten(), seed)
+            for m in range(count)
+        ]
+
+    def queries(self) -> Tensor:
+        """[Q, 1, 8, 8] samples of the base model (trained first if needed)."""
+        if self._queries is None:
+            path = self.run_dir / "queries.safetensors"
+            if path.exists():
+                self._queries = load_file(str(path))["queries"]
+            else:
+                self.store.train([self.base_job()], num_workers=1)
+                model = self.store.load("base")
+                samples = sample_ddpm(
+                    model,
+                    self.schedule,
+                    self.config.num_queries,
+                    seed=self.config.seed,
+                    num_inference_steps=self.config.sampling_steps,
+                )
+                partial = path.with_name("queries.partial.safetensors")
+                save_file({"queries": samples.contiguous()}, str(partial))
+                os.replace(partial, path)
+                self._queries = samples
+        return self._queries
+
+    def probe(self) -> QueryProbe:
+        config = self.config
+        return QueryProbe(self.queries(), config.measurement, config.measurement_draws, config.seed)
+
+    def retrain(self) -> int:
+        """Train every subset and oracle model not on disk yet; returns how many."""
+        config = self.config
+        jobs = self.subset_jobs(config.train_seed, config.num_subsets)
+        jobs += self.subset_jobs(config.oracle_seed, config.oracle_subsets)
+        return self.store.train(jobs, num_workers=self.num_workers, probe=self.probe())
+
+    def measurements(self) -> tuple[Tensor, Tensor]:
+        """([M, Q] measurements under the subset models, [M_oracle, Q] under the replicates)."""
+        self.retrain()
+        config, probe = self.config, self.probe()
+        main = self.store.measurements(
+            self.subset_jobs(config.train_seed, config.num_subsets), probe
+        )
+        replicate = self.store.measurements(
+            self.subset_jobs(config.oracle_seed, config.oracle_subsets), probe
+        )
+        return main, replicate
+
+    # -- scores ----------------------------------------------------------------------------
+    def engine(self) -> InfluenceEngine:
+        """The engine on the base model and the benchmark's training set."""
+        if self._engine is None:
+            self.store.train([self.base_job()], num_workers=1)
+            self._engine = InfluenceEngine(self.store.load("base"), self.schedule, self.train_set)
+        return self._engine
+
+    def _curvature(self, config: CurvatureConfig):
+        """The fitted curvature for `config` (K-FAC comes from the EK-FAC fit's factors)."""
+        if config.strategy == "kfac":
+            return as_kfac(self._curvature(dataclasses.replace(config, strategy="ekfac")))
+        key = _curvature_key(config)
+        if key not in self._curvatures:
+            view = self.engine().with_config()
+            directory = self.run_dir / "curvature" / key
+            try:
+                view.load_curvature(directory)
+            except FileNotFoundError:
+                view.fit(config)
+                view.save_curvature(directory)
+            self._curvatures[key] = view.curvature
+        return self._curvatures[key]
+
+    def _score_path(self, method: Method) -> Path:
+        return self.run_dir / "scores" / f"{method.key()}.safetensors"
+
+    def scores(self, methods: list[Method]) -> dict[str, Tensor]:
+        """Score matrices [Q, N] by method key; computed once per method, then loaded.
+
+        Methods that share the train objective and K are scored in one pass over the
+        training set (their query caches are concatenated).
+        """
+        queries = self.queries()
+        engine = self.engine()
+        ids = engine.query_ids(queries)
+        todo = [m for m in methods if not self._score_path(m).exists()]
+        groups: dict[tuple[str, int], list[Method]] = defaultdict(list)
+        for method in todo:
+            groups[(method.train_objective, method.train_draws)].append(method)
+        query_grads: dict[tuple[str, int], dict] = {}
+        for (objective, draws), members in groups.items():
+            caches = []
+            for method in members:
+                grad_key = (method.measurement, method.query_draws)
+                view = engine.with_config(
+                    curvature=self._curvature(method.curvature),
+                    measurement=method.measurement,
+                    query_draws=method.query_draws,
+                    damping=method.damping,
+                    damping_mode=method.damping_mode,
+                )
+                if grad_key not in query_grads:
+                    query_grads[grad_key] = view.query_gradients(queries)
+                caches.append(view.precondition_queries(query_grads[grad_key], ids))
+            view = engine.with_config(train_objective=objective, train_draws=draws)
+            matrices = view.score_matrices(caches)
+            for method, matrix in zip(members, matrices, strict=True):
+                path = self._score_path(method)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_name(path.stem + ".partial.safetensors")
+                save_file({"scores": matrix.contiguous()}, str(partial))
+                os.replace(partial, path)
+        return {m.key(): load_file(str(self._score_path(m)))["scores"] for m in methods}
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, methods: list[Method]) -> list[dict]:
+        """Rows (method settings, LDS mean ± sem) for each method, then the oracle's row."""
+        main, replicate = self.measurements()
+        scores = self.scores(methods)
+        rows = []
+        for method in methods:
+            result = lds(scores[method.key()], self.masks, main)
+            rows.append(method.row() | _result_columns(result, self.config.num_subsets))
+        if self.config.oracle_subsets >= 2:
+            count = self.config.oracle_subsets
+            result = oracle_lds(main[:count], replicate)
+            rows.append({"method": "oracle (seed to seed)"} | _result_columns(result, count))
+        return rows
+
+    def counterfactual(self, method: Method) -> list[dict]:
+        """Retraining without the top p% proponents of a query vs without a random p%.
+
+        Returns one row per (query, p): the change of the query's measurement from the base
+        model to the model retrained without its top proponents, and without random ones
+        (all with the base model's seed, so the data is the only difference).
+        """
+        config = self.config
+        scores = self.scores([method])[method.key()]
+        base = self.store.measurements([self.base_job()], self.probe())[0]
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        jobs, plan = [], []
+        everyone = torch.arange(config.num_train)
+        for percent in config.counterfactual_percents:
+            removed = round(percent / 100 * config.num_train)
+            random_removed = torch.randperm(config.num_train, generator=generator)[:removed]
+            random_job = self._job(
+                f"without_random_{percent:g}pct",
+                everyone[~torch.isin(everyone, random_removed)],
+                config.train_seed,
+            )
+            jobs.append(random_job)
+            for query in range(config.counterfactual_queries):
+                top = scores[query].argsort(descending=True)[:removed]
+                job = self._job(
+                    f"without_top_{percent:g}pct_q{query:02d}_{method.key()[:8]}",
+                    everyone[~torch.isin(everyone, top)],
+                    config.train_seed,
+                )
+                jobs.append(job)
+                plan.append((query, percent, job, random_job))
+        self.store.train(jobs, num_workers=self.num_workers, probe=self.probe())
+        rows = []
+        for query, percent, job, random_job in plan:
+            top_value, random_value = self.store.measurements([job, random_job], self.probe())
+            rows.append(
+                {
+                    "method": method.name,
+                    "query": query,
+                    "percent_removed": percent,
+                    "base": float(base[query]),
+                    "delta_top": float(top_value[query] - base[query]),
+                    "delta_random": float(random_value[query] - base[query]),
+                }
+            )
+        return rows
+
+
+def _without(values: dict, keys: tuple[str, ...]) -> dict:
+    return {key: value for key, value in values.items() if key not in keys}
+
+
+def _result_columns(result: LDSResult, num_subsets: int) -> dict:
+    return {
+        "lds": round(result.mean, 4),
+        "lds_sem": round(result.sem, 4),
+        "num_subsets": num_subsets,
+        "num_queries": int(result.per_query.numel()),
+    }
+
+
+def default_methods() -> list[Method]:
+    """The configuration under test: EK-FAC with the engine's defaults."""
+    defaults = ScoreConfig()
+    return [
+        Method(
+            "EK-FAC",
+            CurvatureConfig(),
+            damping=defaults.damping,
+            damping_mode=defaults.damping_mode,
+            train_draws=defaults.train_draws,
+            query_draws=defaults.query_draws,
+        )
+    ]

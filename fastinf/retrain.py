@@ -1,0 +1,234 @@
+"""Retraining for evaluation: many small models on subsets, cached on disk, in parallel.
+
+A `RetrainJob` names a model (its file stem), the training examples it keeps and its
+training seed; `ModelStore.train(jobs)` trains the jobs whose weights are not on disk yet,
+in worker processes of one thread each, and writes each model atomically (weights, then
+the sidecar that marks it complete). An interrupted run loses at most the models being
+trained and never leaves a half-written model that looks complete. A job whose recipe or
+kept examples differ from what is on disk is an error, not a silent reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from .diffusion import NoiseSchedule
+from .evaluation import measure_queries
+from .models import load_sidecar, load_unet, save_unet
+from .progress import progress_bar
+from .train import train_diffusion
+
+__all__ = ["ModelStore", "QueryProbe", "RetrainJob", "RetrainRecipe"]
+
+
+@dataclass(frozen=True)
+class RetrainRecipe:
+    """How every evaluation model is trained (`fastinf.train.train_diffusion` arguments)."""
+
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 2e-3
+    ema_decay: float = 0.995
+    warmup: int = 25
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """One model to train: `name` (file stem), kept training positions, training seed."""
+
+    name: str
+    kept: tuple[int, ...]
+    seed: int
+
+    def kept_digest(self) -> str:
+        return hashlib.sha256(json.dumps(list(self.kept)).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class QueryProbe:
+    """Queries measured under each model right after it is trained (saves reloading)."""
+
+    queries: Tensor
+    measurement: str = "loss"
+    num_draws: int = 512
+    seed: int = 0
+
+    def key(self) -> str:
+        digest = hashlib.sha256(self.queries.contiguous().numpy().tobytes()).hexdigest()[:16]
+        return f"{self.measurement}:{self.num_draws}:{self.seed}:{digest}"
+
+
+def _train_one(
+    unet_config: dict,
+    dataset: Dataset,
+    schedule: NoiseSchedule,
+    recipe: RetrainRecipe,
+    job: RetrainJob,
+    path: str,
+    probe: QueryProbe | None,
+) -> str:
+    """Train one model and write it (weights first, sidecar last)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.seed)
+        unet = UNet2DModel(**unet_config)
+    _, ema_model, history = train_diffusion(
+        unet,
+        Subset(dataset, list(job.kept)),
+        schedule,
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        ema_decay=recipe.ema_decay,
+        warmup=recipe.warmup,
+        weight_decay=recipe.weight_decay,
+        seed=job.seed,
+        progress=False,
+    )
+    metadata = _job_metadata(schedule, recipe, job)
+    metadata["final_train_loss"] = history.final_loss(50)
+    metadata["wall_time_s"] = round(history.wall_time_s, 1)
+    if probe is not None:
+        values = measure_queries(
+            ema_model,
+            schedule,
+            probe.queries,
+            measurement=probe.measurement,
+            num_draws=probe.num_draws,
+            seed=probe.seed,
+        )
+        metadata["measurements"] = {probe.key(): values.tolist()}
+    final = Path(path)
+    partial = final.with_name(final.stem + ".partial.safetensors")
+    sidecar = save_unet(ema_model, partial, metadata)
+    os.replace(partial, final)
+    os.replace(sidecar, final.with_suffix(".json"))
+    return job.name
+
+
+def _single_thread() -> None:
+    """Worker initialiser: one thread per worker, so workers do not oversubscribe cores."""
+    torch.set_num_threads(1)
+
+
+def _job_metadata(schedule: NoiseSchedule, recipe: RetrainRecipe, job: RetrainJob) -> dict:
+    return {
+        "schedule_fingerprint": schedule.fingerprint(),
+        "recipe": asdict(recipe),
+        "seed": job.seed,
+        "kept_count": len(job.kept),
+        "kept_digest": job.kept_digest(),
+    }
+
+
+class ModelStore:
+    """A directory of retrained models: `<name>.safetensors` + `<name>.json` each.
+
+    Args:
+        directory: where models are kept (created if missing).
+        unet_config: the `UNet2DModel` constructor arguments every model shares.
+        dataset: the training set the jobs' `kept` positions index.
+        schedule: the noise schedule of training.
+        recipe: the training recipe shared by every model.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        unet_config: dict,
+        dataset: Dataset,
+        schedule: NoiseSchedule,
+        recipe: RetrainRecipe,
+    ):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.unet_config = unet_config
+        self.dataset = dataset
+        self.schedule = schedule
+        self.recipe = recipe
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name}.safetensors"
+
+    def is_trained(self, job: RetrainJob) -> bool:
+        """Whether `job`'s model is on disk and complete; a mismatching one is an error."""
+        path = self.path(job.name)
+        if not (path.exists() and path.with_suffix(".json").exists()):
+            return False
+        sidecar = load_sidecar(path)
+        expected = _job_metadata(self.schedule, self.recipe, job)
+        found = {key: sidecar.get(key) for key in expected}
+        if found != expected:
+            raise ValueError(
+                f"{path} was trained with {found}, not {expected}: the recipe, seed or subset "
+                "changed. Use another run directory, or delete that model to retrain it."
+            )
+        return True
+
+    def train(
+        self, jobs: list[RetrainJob], *, num_workers: int = 2, probe: QueryProbe | None = None
+    ) -> int:
+        """Train the jobs not on disk yet, `num_workers` at a time; returns how many."""
+        missing = [job for job in jobs if not self.is_trained(job)]
+        if not missing:
+            return 0
+        args = (self.unet_config, self.dataset, self.schedule, self.recipe)
+        with progress_bar(len(missing), "retrain") as bar:
+            if num_workers <= 1:
+                for job in missing:
+                    _train_one(*args, job, str(self.path(job.name)), probe)
+                    bar.update(1)
+                return len(missing)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                num_workers, mp_context=context, initializer=_single_thread
+            ) as pool:
+                futures = [
+                    pool.submit(_train_one, *args, job, str(self.path(job.name)), probe)
+                    for job in missing
+                ]
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update(1)
+        return len(missing)
+
+    def measurements(self, jobs: list[RetrainJob], probe: QueryProbe) -> Tensor:
+        """[len(jobs), Q] float64: each model's measurement of the probe's queries (from
+        its sidecar when recorded at training time, else measured now and recorded)."""
+        rows = []
+        for job in jobs:
+            path = self.path(job.name)
+            sidecar = load_sidecar(path)
+            recorded = sidecar.get("measurements", {}).get(probe.key())
+            if recorded is None:
+                model = load_unet(path)
+                values = measure_queries(
+                    model,
+                    self.schedule,
+                    probe.queries,
+                    measurement=probe.measurement,
+                    num_draws=probe.num_draws,
+                    seed=probe.seed,
+                )
+                recorded = values.tolist()
+                sidecar.setdefault("measurements", {})[probe.key()] = recorded
+                partial = path.with_name(path.stem + ".partial.json")
+                partial.write_text(json.dumps(sidecar, indent=2) + "\n")
+                os.replace(partial, path.with_suffix(".json"))
+            rows.append(torch.tensor(recorded, dtype=torch.float64))
+        return torch.stack(rows)
+
+    def load(self, name: str):
+        """The trained model `name` (a `DiffusersEpsModel` in eval mode)."""
+        return load_unet(self.path(name))
