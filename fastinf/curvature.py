@@ -105,9 +105,13 @@ class _EigvalSums:
     def __call__(self, name: str, call: LayerCall) -> None:
         act, grad = (_upcast(rows) for rows in call.rows())
         eigvecs_act, eigvecs_grad = (q.to(act.dtype) for q in self.eigvecs[name])
+        # A pass's sum is formed in the rows' precision (float64 accumulation inside the
+        # kernel costs ~3×); the running sum over passes stays float64.
+        pass_sum = torch.zeros_like(self.weight[name], dtype=act.dtype)
         for start in range(0, act.shape[0], self._CHUNK):
             chunk = slice(start, start + self._CHUNK)
-            eigval_accumulate(act[chunk], grad[chunk], eigvecs_act, eigvecs_grad, self.weight[name])
+            eigval_accumulate(act[chunk], grad[chunk], eigvecs_act, eigvecs_grad, pass_sum)
+        self.weight[name] += pass_sum.double()
         if self.layers[name].has_bias:
             self.bias[name] += (grad.sum(1) @ eigvecs_grad).double().square().sum(0)
 

@@ -166,9 +166,9 @@ class LayerCall:
                 dilation=conv.dilation,
                 groups=num_examples,
             )
-            bias = bias + grads.reshape(num_examples, -1, grads.shape[1], grads[0, 0].numel()).sum(
-                (1, 3)
-            )
+            if self.info.has_bias:
+                per_example = grads.reshape(num_examples, -1, grads.shape[1], grads[0, 0].numel())
+                bias = bias + per_example.sum((1, 3))
         weight = weight.reshape(num_examples, self.info.d_out, self.info.d_in)
         return weight, (bias if self.info.has_bias else None)
 
