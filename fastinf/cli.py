@@ -1,4 +1,4 @@
-"""Command line: `fastinf train | fit | topk | lds | demo` (run `fastinf COMMAND --help`).
+"""Command line: `fastinf train | fit | topk | index | lds | demo` (run `fastinf COMMAND --help`).
 
 Without `--weights`/`--data` every command uses the embedded default (the shipped digits
 DDPM and scikit-learn's digits). Tensor files may be .safetensors (keys `images`, optional
@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from .config import CurvatureConfig, ScoreConfig
 from .data import ImageTensorDataset, load_digits_dataset
 from .engine import InfluenceEngine
+from .index.config import IndexConfig
 from .models import default_schedule, load_digits_model, load_unet, schedule_from_sidecar
 
 __all__ = ["main"]
@@ -108,6 +109,8 @@ def _cmd_fit(args) -> int:
 def _cmd_topk(args) -> int:
     engine = _engine(args, _score_config(args))
     engine.load_curvature(args.curvature)
+    if args.index:
+        engine.load_index(args.index)
     if args.queries:
         queries, cond = load_tensors(args.queries)
     else:
@@ -117,13 +120,44 @@ def _cmd_topk(args) -> int:
             sample_ddpm(engine.model, engine.schedule, args.generate, seed=args.seed),
             None,
         )
-    result = engine.score(queries.to(engine.dtype), k=args.k, cond=cond)
+    result = engine.score(
+        queries.to(engine.dtype), k=args.k, cond=cond, exact_rerank=args.exact_rerank
+    )
     text = json.dumps(result.to_dict(), indent=1)
     if args.out:
         Path(args.out).write_text(text)
         print(f"top-{args.k} proponents and opponents of {queries.shape[0]} queries in {args.out}")
     else:
         print(text)
+    return 0
+
+
+def _cmd_index(args) -> int:
+    from .index import init_distributed
+
+    rank, world = init_distributed()
+    engine = _engine(args, _score_config(args))
+    engine.load_curvature(args.curvature)
+    config = IndexConfig(
+        compression=args.compression,
+        dim=args.dim,
+        storage=args.storage,
+        rank_by=args.rank_by,
+        sketch_seed=args.sketch_seed,
+        calibration_examples=args.calibration_examples,
+        shard_size=args.shard_size,
+        search=args.search,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+    )
+    start = time.perf_counter()
+    index = engine.build_index(args.out, config, overwrite=args.overwrite)
+    if rank == 0:
+        print(
+            f"index of {index.num_examples} examples ({index.dim} {config.storage} values, "
+            f"{index.bytes_per_example} bytes each) built in {time.perf_counter() - start:.1f}s "
+            f"by {world} process(es) in {args.out}"
+        )
     return 0
 
 
@@ -229,7 +263,49 @@ def build_parser() -> argparse.ArgumentParser:
     topk.add_argument("--block-size", type=int, default=ScoreConfig.block_size)
     topk.add_argument("--seed", type=int, default=0, help="sampling seed for --generate")
     topk.add_argument("--out", help="write the JSON here instead of printing it")
+    topk.add_argument(
+        "--index",
+        help="search this index (`fastinf index`) instead of scoring every training image; "
+        "--train-draws/--damping/--damping-mode must be those it was built with",
+    )
+    topk.add_argument(
+        "--exact-rerank",
+        type=int,
+        default=None,
+        help="with --index: re-score each query's top-C candidates exactly",
+    )
     topk.set_defaults(run=_cmd_topk)
+
+    index = commands.add_parser(
+        "index",
+        help="build (or resume) the persistent index of the training set; under "
+        "`torchrun --nproc_per_node=N` the ranks share the work",
+    )
+    _add_model_args(index)
+    index.add_argument("--curvature", required=True, help="directory written by `fastinf fit`")
+    index.add_argument("--out", required=True, help="index directory (resumed if it exists)")
+    index.add_argument("--train-draws", type=int, default=ScoreConfig.train_draws)
+    index.add_argument("--damping", type=float, default=ScoreConfig.damping)
+    index.add_argument("--damping-mode", choices=["absolute", "relative"], default="absolute")
+    index.add_argument("--block-size", type=int, default=ScoreConfig.block_size)
+    index.add_argument("--compression", default=IndexConfig.compression, help="see IndexConfig")
+    index.add_argument("--dim", type=int, default=IndexConfig.dim)
+    index.add_argument("--storage", choices=["fp32", "fp16", "int8"], default=IndexConfig.storage)
+    index.add_argument("--rank-by", choices=["damped_ratio", "energy"], default=IndexConfig.rank_by)
+    index.add_argument("--sketch-seed", type=int, default=IndexConfig.sketch_seed)
+    index.add_argument("--calibration-examples", type=int, default=IndexConfig.calibration_examples)
+    index.add_argument("--shard-size", type=int, default=IndexConfig.shard_size)
+    index.add_argument(
+        "--search", choices=["flat", "ivf", "ivfpq", "hnsw"], default=IndexConfig.search
+    )
+    index.add_argument("--nlist", type=int, default=IndexConfig.nlist)
+    index.add_argument("--nprobe", type=int, default=IndexConfig.nprobe)
+    index.add_argument(
+        "--overwrite", action="store_true", help="replace an index of another configuration"
+    )
+    index.set_defaults(
+        run=_cmd_index, query_draws=ScoreConfig.query_draws, measurement=ScoreConfig.measurement
+    )
 
     lds = commands.add_parser(
         "lds", help="linear data-modelling score of methods on digits (retrains, cached)"

@@ -76,6 +76,7 @@ class InfluenceEngine:
             "layers": list(self.layers),
         }
         self.curvature: Curvature | None = None
+        self.index = None  # a fastinf.index.TrainingIndex after build_index / load_index
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +117,26 @@ class InfluenceEngine:
                 "no curvature: call engine.fit() or engine.load_curvature(directory) first."
             )
         return self.curvature
+
+    # -- index -----------------------------------------------------------------------------
+    def build_index(self, directory: str | os.PathLike, config=None, **options):
+        """Build (or resume) the persistent index of the training set in `directory` and
+        use it for `score` (`fastinf.index.build_index`; config: `IndexConfig`)."""
+        from .index import build_index
+
+        self.index = build_index(self, directory, config, **options)
+        return self.index
+
+    def load_index(self, directory: str | os.PathLike):
+        """Load an index built for this model, data, curvature and ScoreConfig; `score`
+        then searches it instead of streaming the training set (`unload_index` undoes)."""
+        from .index import TrainingIndex
+
+        self.index = TrainingIndex.load(directory, self)
+        return self.index
+
+    def unload_index(self) -> None:
+        self.index = None
 
     # -- queries ---------------------------------------------------------------------------
     def _query_block(self, queries: Tensor, cond: Tensor | int | None) -> ExampleBlock:
@@ -214,6 +235,7 @@ class InfluenceEngine:
         cond=None,
         indices: list[int] | None = None,
         return_scores: bool = False,
+        exact_rerank: int | None = None,
     ) -> InfluenceResult:
         """Score every training example (or `indices`) against the queries; keep the top-k.
 
@@ -221,7 +243,16 @@ class InfluenceEngine:
         `config.block_size` examples; memory is O(block), not O(N). τ > 0: proponent.
         Returns top-k proponents and opponents per query, and the full [Q, N] score matrix
         (columns in the order of `indices`, default dataset order) if `return_scores`.
+
+        With an index loaded (`load_index`) and no `indices`, the index is searched instead
+        (scores ≈ τ; `return_scores` gives the index scores in index row order);
+        `exact_rerank=C` re-scores every query's top-C candidates exactly
+        (`TrainingIndex.topk`).
         """
+        if self.index is not None and indices is None:
+            return self.index.topk(
+                self, queries, k, cond=cond, exact_rerank=exact_rerank, return_scores=return_scores
+            )
         cache = queries if isinstance(queries, QueryCache) else self.prepare_queries(queries, cond)
         if isinstance(queries, QueryCache):
             check_provenance("query cache", cache.meta, self.query_meta())
@@ -408,6 +439,7 @@ def topk_influencers(
     engine: InfluenceEngine | None = None,
     cond=None,
     return_scores: bool = False,
+    exact_rerank: int | None = None,
 ) -> InfluenceResult:
     """The k training examples that most raised (proponents) and most lowered (opponents)
     the likelihood of each query, by EK-FAC influence on the loss measurement.
@@ -418,8 +450,10 @@ def topk_influencers(
         engine: a loaded `InfluenceEngine`; None uses the embedded digits default.
         cond: class labels for a class-conditional model.
         return_scores: also return the full [Q, N] score matrix.
+        exact_rerank: with an index loaded on the engine, re-score the top-C candidates of
+            each query exactly (see `InfluenceEngine.score`).
     Returns:
         `InfluenceResult` with `proponents` / `opponents` (`TopK`: indices, scores [Q, k]).
     """
     engine = engine or default_engine()
-    return engine.score(query, k, cond=cond, return_scores=return_scores)
+    return engine.score(query, k, cond=cond, return_scores=return_scores, exact_rerank=exact_rerank)

@@ -1,0 +1,268 @@
+"""Recall@10 of every index compression against exact EK-FAC scores, vs bytes per example.
+
+Run from the repository root (not collected by pytest; ~6 min on a 2-core CPU):
+
+    .venv/bin/python bench/index_recall.py
+
+On the embedded digits DDPM (1,797 training images, EK-FAC of `default_engine()`, K = 32
+train draws, K_q = 64 query draws) and 32 generated queries (`sample_ddpm`, seed 1234, 50
+steps), at two dampings (the default absolute 1e-8 and relative 0.1), one pass over the
+training set projects every train gradient into the eigenbasis once and feeds it to:
+
+- the exact whitened vectors, whose inner products with the whitened queries are the exact
+  EK-FAC scores (checked against `engine.score` on a subset before anything is reported);
+- every compression of `fastinf.index` (countsketch, gaussian, kronecker, truncate by
+  Λ/(Λ+λ) or by calibration energy, hybrid) at 256 … 16,384 dimensions, each stored as
+  fp32, fp16 and int8 exactly as the index stores them.
+
+For each (damping, compression, dim, storage) it reports recall@10 of the proponents and
+of the opponents (mean and worst query), and recall after an exact re-rank of the top
+20/50 candidates (the share of the exact top-10 among the index's top-C). Rows go to
+`bench/results/index_recall_<device>.csv`, the summary to `index_recall_<device>.md` and
+the curves to `index_recall_<device>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from index_common import RESULTS_DIR, append_rows, environment, markdown_table, recall_at_k
+
+from fastinf.engine import default_engine
+from fastinf.index.compress import CoordinateLayout, damped_ratio, make_compressor
+from fastinf.index.config import IndexConfig
+from fastinf.index.encode import Quantizer, VectorEncoder
+from fastinf.sampling import sample_ddpm
+
+DAMPINGS = (("absolute", 1e-8), ("relative", 0.1))
+DIMS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+GAUSSIAN_DIMS = (256, 512, 1024, 2048)  # dense sketches beyond cost minutes per block
+STORAGES = ("fp32", "fp16", "int8")
+RERANK = (20, 50)
+TOP_K = 10
+BLOCK = 64
+CALIBRATION = 128
+CHECK_QUERIES, CHECK_EXAMPLES = 4, 48
+CHECK_TOLERANCE = 1e-3  # float32 gradients contracted in another order
+
+
+def variants(layout, curvature, damping, energy):
+    """(label, IndexConfig, ranking) of every compression measured."""
+    ratio = damped_ratio(curvature, damping[1], damping[0])
+    out = []
+    for dim in DIMS:
+        out.append(("countsketch", IndexConfig(compression="countsketch", dim=dim), ratio))
+        out.append(("kronecker", IndexConfig(compression="kronecker", dim=dim), ratio))
+        out.append(
+            (
+                "truncate (Λ/(Λ+λ))",
+                IndexConfig(compression="truncate", dim=dim, rank_by="damped_ratio"),
+                ratio,
+            )
+        )
+        out.append(
+            (
+                "truncate (energy)",
+                IndexConfig(compression="truncate", dim=dim, rank_by="energy"),
+                energy,
+            )
+        )
+        out.append(("hybrid (energy)", IndexConfig(compression="hybrid", dim=dim), energy))
+        out.append(
+            (
+                "hybrid (Λ/(Λ+λ))",
+                IndexConfig(compression="hybrid", dim=dim, rank_by="damped_ratio"),
+                ratio,
+            )
+        )
+        if dim in GAUSSIAN_DIMS:
+            out.append(("gaussian", IndexConfig(compression="gaussian", dim=dim), ratio))
+    return [
+        (label, config, make_compressor(layout, config, ranking)) for label, config, ranking in out
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=32)
+    parser.add_argument("--examples", type=int, default=0, help="first N training images (0: all)")
+    args = parser.parse_args()
+    env = environment()
+    engine = default_engine()
+    curvature = engine.curvature
+    layout = CoordinateLayout(curvature)
+    total = args.examples or len(engine.train_set)
+    positions = list(range(total))
+    start = time.perf_counter()
+    queries = sample_ddpm(
+        engine.model, engine.schedule, args.queries, seed=1234, num_inference_steps=50
+    )
+    query_grads = engine.query_gradients(queries)
+    exact_config = IndexConfig(compression="exact")
+
+    def exact_encoder(damping):
+        return VectorEncoder(
+            curvature, damping[1], damping[0], make_compressor(layout, exact_config, None)
+        )
+
+    exact = {d: exact_encoder(d) for d in DAMPINGS}
+    # Calibration energies: mean squared whitened coordinate over the first examples.
+    energy = {d: torch.zeros(layout.size, dtype=torch.float64) for d in DAMPINGS}
+    for begin in range(0, CALIBRATION, BLOCK):
+        coords = exact[DAMPINGS[0]].project(
+            engine.train_gradients(positions[begin : begin + BLOCK])
+        )
+        for d in DAMPINGS:
+            energy[d] += exact[d].compress(coords).double().square().sum(0) / CALIBRATION
+    runs = {}
+    for d in DAMPINGS:
+        encoders = [
+            (label, config, VectorEncoder(curvature, d[1], d[0], compressor))
+            for label, config, compressor in variants(layout, curvature, d, layout.split(energy[d]))
+        ]
+        query_coords = exact[d].project({n: (w.double(), b) for n, (w, b) in query_grads.items()})
+        runs[d] = {
+            "query_exact": exact[d].compress(query_coords).float(),
+            "encoders": encoders,
+            "query": [enc.compress(query_coords).float() for _, _, enc in encoders],
+            "train": [[] for _ in encoders],
+            "exact": [],
+        }
+    print(f"setup {time.perf_counter() - start:.0f}s", flush=True)
+    for begin in range(0, total, BLOCK):
+        coords = exact[DAMPINGS[0]].project(
+            engine.train_gradients(positions[begin : begin + BLOCK])
+        )
+        for d in DAMPINGS:
+            run = runs[d]
+            whitened = exact[d].compress(coords)
+            run["exact"].append(run["query_exact"].double() @ whitened.double().T)
+            for i, (_, _, encoder) in enumerate(run["encoders"]):
+                run["train"][i].append(encoder.compress(coords).float())
+        print(f"{begin + BLOCK}/{total} {time.perf_counter() - start:.0f}s", flush=True)
+
+    check = engine.score(
+        queries[:CHECK_QUERIES], k=1, indices=positions[:CHECK_EXAMPLES], return_scores=True
+    ).scores
+    mine = torch.cat(runs[DAMPINGS[0]]["exact"], 1)[:CHECK_QUERIES, :CHECK_EXAMPLES]
+    error = float((mine - check).abs().max() / check.abs().max())
+    print(f"exact scores vs engine.score: max relative error {error:.2e}")
+    if error > CHECK_TOLERANCE:
+        raise SystemExit("the exact index scores do not match engine.score; nothing reported")
+
+    rows = []
+    for d in DAMPINGS:
+        run = runs[d]
+        exact_scores = torch.cat(run["exact"], 1)
+        for i, (label, _, encoder) in enumerate(run["encoders"]):
+            train = torch.cat(run["train"][i])
+            for storage in STORAGES:
+                quantizer = Quantizer.calibrate(IndexConfig(storage=storage), train[:CALIBRATION])
+                stored = torch.from_numpy(quantizer.values(quantizer.store(train)))
+                approx = (
+                    torch.from_numpy(quantizer.query(run["query"][i])).double() @ stored.double().T
+                )
+                row = {
+                    **env,
+                    "damping_mode": d[0],
+                    "damping": d[1],
+                    "compression": label,
+                    "dim": encoder.dim,
+                    "storage": storage,
+                    "bytes_per_example": encoder.dim * IndexConfig(storage=storage).bytes_per_value,
+                    "N": total,
+                    "Q": args.queries,
+                }
+                for candidates in (TOP_K, *RERANK):
+                    recall = recall_at_k(approx, exact_scores, TOP_K, candidates)
+                    suffix = "" if candidates == TOP_K else f"_rerank{candidates}"
+                    for name, (mean, worst) in recall.items():
+                        row[f"recall_{name}{suffix}"] = round(mean, 4)
+                        if candidates == TOP_K:
+                            row[f"recall_{name}_min"] = round(worst, 4)
+                rows.append(row)
+    append_rows(RESULTS_DIR / f"index_recall_{env['device']}.csv", rows)
+    write_summary(rows, env, error, time.perf_counter() - start)
+    plot(rows, env)
+
+
+def write_summary(rows, env, error, seconds) -> None:
+    columns = [
+        "damping_mode",
+        "compression",
+        "dim",
+        "storage",
+        "bytes_per_example",
+        "recall_proponents",
+        "recall_opponents",
+        "recall_proponents_min",
+        "recall_opponents_min",
+        "recall_proponents_rerank20",
+        "recall_opponents_rerank20",
+    ]
+    within = [r for r in rows if r["bytes_per_example"] <= 16384]
+    best = sorted(
+        within,
+        key=lambda r: (r["damping_mode"], -min(r["recall_proponents"], r["recall_opponents"])),
+    )
+    text = [
+        "# Index recall@10 vs bytes per example (digits, 1,797 images)",
+        "",
+        f"Run {env['run']}, commit {env['git_commit']}, {env['device']}, "
+        f"{env['threads']} threads, {seconds:.0f}s. Exact scores from the index's exact "
+        f"whitened vectors match `engine.score` to {error:.1e} (relative). "
+        "Command: `.venv/bin/python bench/index_recall.py`.",
+        "",
+        "All rows at ≤ 16 KB per example, best first within each damping:",
+        "",
+        markdown_table(best, columns),
+    ]
+    path = RESULTS_DIR / f"index_recall_{env['device']}.md"
+    path.write_text("\n".join(text) + "\n")
+
+
+def plot(rows, env) -> None:
+    figure, axes = plt.subplots(2, 2, figsize=(12, 9), sharex=True, sharey=True)
+    labels = sorted({r["compression"] for r in rows})
+    markers = {"fp32": "o", "fp16": "s", "int8": "^"}
+    for col, d in enumerate(DAMPINGS):
+        for row_i, sign in enumerate(("proponents", "opponents")):
+            ax = axes[row_i][col]
+            for j, label in enumerate(labels):
+                for storage, marker in markers.items():
+                    points = sorted(
+                        (r["bytes_per_example"], r[f"recall_{sign}"])
+                        for r in rows
+                        if r["compression"] == label
+                        and r["storage"] == storage
+                        and r["damping_mode"] == d[0]
+                    )
+                    if points:
+                        ax.plot(
+                            *zip(*points, strict=True),
+                            marker=marker,
+                            color=f"C{j}",
+                            label=f"{label}, {storage}",
+                            alpha=0.8,
+                            linestyle="-" if storage == "int8" else ":",
+                        )
+            ax.axvline(16384, color="grey", linewidth=0.8)
+            ax.axhline(0.95, color="grey", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{sign}, damping {d[0]} {d[1]:g}")
+            ax.set_xlabel("bytes per training example")
+            ax.set_ylabel("recall@10 vs exact EK-FAC")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="lower center", ncol=6, fontsize=7)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    figure.savefig(RESULTS_DIR / f"index_recall_{env['device']}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""How an index of the training set is compressed, stored and searched (DESIGN §2 step 3b).
+
+Fields that change the stored vectors are the index's fingerprint (checked when a build is
+resumed); shard size changes only the file layout and is part of the build plan; the search
+fields choose the faiss structure built over the stored vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["COMPRESSIONS", "SEARCHES", "STORAGES", "IndexConfig"]
+
+COMPRESSIONS = ("exact", "countsketch", "gaussian", "kronecker", "truncate", "hybrid")
+STORAGES = ("fp32", "fp16", "int8")
+SEARCHES = ("flat", "ivf", "ivfpq", "hnsw")
+RANKINGS = ("damped_ratio", "energy")
+BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"IndexConfig.{name}={value!r} must be a positive integer.")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"IndexConfig.{name}={value!r} is not one of {choices}; pick one of those."
+        )
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Compression, storage and search of the index vectors (DESIGN §1 whitening, §2 step 3b).
+
+    An index vector is the whitened eigenbasis coordinates W^½∘Q_Sᵀ ∇ℓ_n Q_A of every tracked
+    layer (one model-wide vector, ‖·‖² summed over layers), compressed to `dim` values so
+    that ⟨query vector, train vector⟩ ≈ τ(q, n).
+    """
+
+    compression: str = field(
+        default="hybrid",
+        metadata={
+            "help": "exact: every whitened coordinate (tiny models, tests); countsketch: "
+            "signed hashing into `dim` buckets (sparse random projection); gaussian: dense "
+            "per-layer Gaussian projection; kronecker: per-layer S_out C S_inᵀ; truncate: "
+            "the `dim` coordinates ranked highest by `rank_by`; hybrid: the top "
+            "`exact_fraction`·dim coordinates kept, the rest count-sketched"
+        },
+    )
+    dim: int = field(default=4096, metadata={"help": "values per index vector"})
+    storage: str = field(
+        default="int8",
+        metadata={"help": "fp32, fp16, or int8 (symmetric, one scale per dimension)"},
+    )
+    rank_by: str = field(
+        default="energy",
+        metadata={
+            "help": "truncate/hybrid: 'damped_ratio' ranks coordinates by Λ/(Λ+λ); 'energy' "
+            "by the mean squared whitened coordinate over the calibration examples"
+        },
+    )
+    exact_fraction: float = field(
+        default=0.5, metadata={"help": "hybrid: share of `dim` given to kept coordinates"}
+    )
+    sketch_seed: int = field(default=0, metadata={"help": "seed of the random sketches"})
+    calibration_examples: int = field(
+        default=128,
+        metadata={
+            "help": "first examples of the build order used to rank coordinates (energy) "
+            "and to set int8 scales"
+        },
+    )
+    shard_size: int = field(default=1024, metadata={"help": "examples per shard file"})
+    search: str = field(
+        default="flat",
+        metadata={
+            "help": "faiss structure: flat (exact inner product), ivf, ivfpq, hnsw (approximate, "
+            "for very large N; recall reported by bench/index_search.py)"
+        },
+    )
+    nlist: int = field(default=0, metadata={"help": "ivf/ivfpq: lists (0: 4·√N)"})
+    nprobe: int = field(default=32, metadata={"help": "ivf/ivfpq: lists visited per query"})
+    pq_bytes: int = field(default=256, metadata={"help": "ivfpq: bytes per PQ code"})
+    hnsw_neighbors: int = field(default=32, metadata={"help": "hnsw: graph degree M"})
+    hnsw_ef_search: int = field(default=128, metadata={"help": "hnsw: search breadth"})
+    exact_rerank: int = field(
+        default=0,
+        metadata={
+            "help": "default candidates per query and sign re-scored exactly at query time "
+            "(0: none); `score(..., exact_rerank=C)` overrides"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        _choice("compression", self.compression, COMPRESSIONS)
+        _choice("storage", self.storage, STORAGES)
+        _choice("rank_by", self.rank_by, RANKINGS)
+        _choice("search", self.search, SEARCHES)
+        for name in ("dim", "calibration_examples", "shard_size", "nprobe", "pq_bytes"):
+            _positive(name, getattr(self, name))
+        _positive("hnsw_neighbors", self.hnsw_neighbors)
+        _positive("hnsw_ef_search", self.hnsw_ef_search)
+        if not isinstance(self.nlist, int) or self.nlist < 0:
+            raise ValueError(f"IndexConfig.nlist={self.nlist!r} must be >= 0 (0: automatic).")
+        if not isinstance(self.exact_rerank, int) or self.exact_rerank < 0:
+            raise ValueError(f"IndexConfig.exact_rerank={self.exact_rerank!r} must be >= 0.")
+        if not 0.0 < self.exact_fraction < 1.0:
+            raise ValueError(
+                f"IndexConfig.exact_fraction={self.exact_fraction!r} must be in (0, 1)."
+            )
+
+    def vector_fingerprint(self) -> dict[str, Any]:
+        """The fields that change the stored vectors."""
+        keys = ("compression", "dim", "storage", "rank_by", "exact_fraction", "sketch_seed")
+        values = {k: getattr(self, k) for k in keys}
+        if self.needs_calibration():
+            values["calibration_examples"] = self.calibration_examples
+        return values
+
+    def needs_calibration(self) -> bool:
+        """Whether building needs a first pass over the calibration examples."""
+        ranked = self.compression in ("truncate", "hybrid") and self.rank_by == "energy"
+        return ranked or self.storage == "int8"
+
+    @property
+    def bytes_per_value(self) -> int:
+        return BYTES_PER_VALUE[self.storage]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

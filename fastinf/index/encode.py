@@ -1,0 +1,164 @@
+"""Gradients → index vectors (eigenbasis, W^½, compression) → stored values (fp32/fp16/int8).
+
+Train side: v_n = c(W^½ ∘ Q_Sᵀ ∇ℓ_n Q_A) per layer; query side: the same map applied to
+∇m_q, so that ⟨v_q, v_n⟩ ≈ τ(q, n) (DESIGN §1, last identity). A cached preconditioned
+query V_q = (G + λI)⁻¹∇m_q maps to the same whitened vector through Q_Sᵀ V_q Q_A ∘ W^-½.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..curvature import Curvature, LayerGrads
+from .compress import Compressor, CoordinateLayout, whitening_scales
+from .config import IndexConfig
+
+__all__ = ["Quantizer", "VectorEncoder"]
+
+
+class VectorEncoder:
+    """Maps per-example layer gradients to index vectors [B, dim].
+
+    Projection Q_Sᵀ G Q_A runs in the gradients' dtype (float32 for a float32 model,
+    float64 for the exact tests); whitening and compression go through the compressor.
+    """
+
+    def __init__(
+        self, curvature: Curvature, damping: float, damping_mode: str, compressor: Compressor
+    ):
+        self.curvature = curvature
+        self.layout: CoordinateLayout = compressor.layout
+        self.compressor = compressor
+        self.scales = whitening_scales(curvature, damping, damping_mode)
+        self._eigvecs: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.compressor.dim
+
+    def _bases(self, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (name, dtype)
+        if key not in self._eigvecs:
+            layer = self.curvature.layers[name]
+            self._eigvecs[key] = (layer.eigvecs_grad.to(dtype), layer.eigvecs_act.to(dtype))
+        return self._eigvecs[key]
+
+    def project(self, grads: LayerGrads) -> dict[str, Tensor]:
+        """Eigenbasis coordinates per block key: Q_Sᵀ G Q_A [B, d_out, d_in] (weight) and
+        Q_Sᵀ b [B, d_out, 1] (bias), float64 for float64 gradients, else float32.
+
+        Args:
+            grads: name → (weight [B, d_out, d_in], bias [B, d_out] or None) of every layer.
+        """
+        coords = {}
+        for block in self.layout:
+            weight, bias = grads[block.layer]
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            q_grad, q_act = self._bases(block.layer, dtype)
+            if block.part == "weight":
+                coords[block.key] = q_grad.T @ weight.to(dtype) @ q_act
+            else:
+                coords[block.key] = (bias.to(dtype) @ q_grad).unsqueeze(2)
+        return coords
+
+    def compress(self, coords: dict[str, Tensor], *, preconditioned: bool = False) -> Tensor:
+        """Whiten and compress projected coordinates into index vectors [B, dim].
+
+        Args:
+            preconditioned: the coordinates are those of (G + λI)⁻¹∇m (a `QueryCache`), i.e.
+                Q̂∘W: they are multiplied by W^-½ instead of W^½.
+        """
+        first = next(iter(coords.values()))
+        out = first.new_zeros(first.shape[0], self.dim)
+        for block in self.layout:
+            scale = self.scales[block.key].to(first.device)
+            scale = 1.0 / scale if preconditioned else scale
+            self.compressor.add(block, coords[block.key], scale, out)
+        return out
+
+    def whiten(self, coords: dict[str, Tensor]) -> dict[str, Tensor]:
+        """W^½ ∘ coordinates per block key, flattened to [B, block.size]."""
+        return {
+            block.key: coords[block.key].flatten(1)
+            * self.scales[block.key].flatten().to(coords[block.key])
+            for block in self.layout
+        }
+
+    def compress_whitened(self, whitened: dict[str, Tensor]) -> Tensor:
+        """Index vectors [B, dim] from `whiten`'s output (one whitening, many compressions)."""
+        first = next(iter(whitened.values()))
+        out = first.new_zeros(first.shape[0], self.dim)
+        for block in self.layout:
+            self.compressor.add_whitened(block, whitened[block.key], out)
+        return out
+
+    def encode(self, grads: LayerGrads, *, preconditioned: bool = False) -> Tensor:
+        """Index vectors [B, dim] of per-example layer gradients (see `project`, `compress`)."""
+        return self.compress(self.project(grads), preconditioned=preconditioned)
+
+
+INT8_LIMIT = 127
+STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
+
+
+class Quantizer:
+    """Stored values of index vectors, and the matching transform of query vectors.
+
+    fp32/fp16: stored = v. int8: stored = round(v / s) clipped to ±127 with one scale s_j per
+    dimension (from the calibration vectors' largest |v_j|); the search sees stored × s, so
+    ⟨q, stored × s⟩ ≈ ⟨q, v⟩.
+    """
+
+    def __init__(self, storage: str, scale: Tensor | None = None):
+        if storage == "int8" and scale is None:
+            raise ValueError("int8 storage needs per-dimension scales (from calibration).")
+        self.storage = storage
+        self.scale = None if scale is None else scale.float()
+
+    @classmethod
+    def calibrate(cls, config: IndexConfig, vectors: Tensor) -> Quantizer:
+        """Per-dimension scales from calibration vectors [M, dim] (int8); none otherwise."""
+        if config.storage != "int8":
+            return cls(config.storage)
+        largest = vectors.abs().amax(0).float()
+        floor = float(largest.max()) * 1e-6 + 1e-30
+        return cls("int8", largest.clamp_min(floor) / INT8_LIMIT)
+
+    @property
+    def dtype(self):
+        return STORAGE_DTYPES[self.storage]
+
+    def store(self, vectors: Tensor) -> np.ndarray:
+        """[B, dim] float vectors → stored values (numpy, the storage dtype)."""
+        values = vectors.detach().float().cpu()
+        if self.storage == "int8":
+            codes = torch.round(values / self.scale).clamp_(-INT8_LIMIT, INT8_LIMIT)
+            return codes.to(torch.int8).numpy()
+        with np.errstate(over="ignore"):
+            array = values.numpy().astype(self.dtype)
+        if not np.isfinite(array).all():
+            largest = float(values.abs().max())
+            raise ValueError(
+                f"index vectors overflow {self.storage} (|v| up to {largest:.3g}); "
+                "use storage='fp32' or 'int8'."
+            )
+        return array
+
+    def query(self, vectors: Tensor) -> np.ndarray:
+        """[Q, dim] query vectors as the search takes them (float32)."""
+        return np.ascontiguousarray(vectors.detach().cpu().float().numpy())
+
+    def values(self, stored: np.ndarray) -> np.ndarray:
+        """Stored values → float32 as the search sees them (int8: code × scale)."""
+        values = np.array(stored, dtype=np.float32, order="C")
+        if self.scale is not None:
+            values *= self.scale.numpy()[None, :]
+        return values
+
+    def scale_array(self) -> np.ndarray | None:
+        return None if self.scale is None else self.scale.numpy()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {} if self.scale is None else {"int8_scale": self.scale}

@@ -1,0 +1,160 @@
+"""faiss structures over the stored vectors: maximum inner product search (DESIGN §4).
+
+`flat` is exact: IndexFlatIP for fp32, IndexScalarQuantizer for fp16 (QT_fp16) and int8
+(QT_8bit with its per-dimension range pinned to the index's scales, so that faiss's code
+is the stored integer itself and decodes to exactly code × scale; faiss's "direct" int8
+codecs would round the query to integers too). The search returns the largest
+⟨query, stored value⟩ exactly. `ivf`, `ivfpq` and `hnsw` are
+approximate structures for very large N (their recall against flat is measured, never
+assumed). Proponents are the largest inner products; opponents the largest with the
+negated query. A GPU copy is used when faiss sees a GPU and supports the structure there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import faiss
+import numpy as np
+
+from .config import IndexConfig
+
+__all__ = ["SearchIndex"]
+
+_QTYPES = {
+    "fp16": faiss.ScalarQuantizer.QT_fp16,
+    "int8": faiss.ScalarQuantizer.QT_8bit,
+}
+_TRAIN_PER_LIST = 64  # training vectors per IVF list (faiss warns below 39)
+_MAX_TRAIN = 262_144
+
+
+def _nlist(config: IndexConfig, num_examples: int) -> int:
+    wanted = config.nlist or round(4 * math.sqrt(num_examples))
+    return max(1, min(wanted, num_examples))
+
+
+def _flat(config: IndexConfig, dim: int):
+    if config.storage == "fp32":
+        return faiss.IndexFlatIP(dim)
+    return faiss.IndexScalarQuantizer(dim, _QTYPES[config.storage], faiss.METRIC_INNER_PRODUCT)
+
+
+def _make(config: IndexConfig, dim: int, num_examples: int):
+    ip = faiss.METRIC_INNER_PRODUCT
+    if config.search == "flat":
+        return _flat(config, dim)
+    if config.search == "hnsw":
+        if config.storage == "fp32":
+            index = faiss.IndexHNSWFlat(dim, config.hnsw_neighbors, ip)
+        else:
+            index = faiss.IndexHNSWSQ(dim, _QTYPES[config.storage], config.hnsw_neighbors, ip)
+        index.hnsw.efSearch = config.hnsw_ef_search
+        return index
+    nlist = _nlist(config, num_examples)
+    coarse = faiss.IndexFlatIP(dim)
+    if config.search == "ivfpq":
+        if dim % config.pq_bytes:
+            raise ValueError(
+                f"IndexConfig.pq_bytes={config.pq_bytes} must divide the vector size {dim}; "
+                "pick a divisor."
+            )
+        index = faiss.IndexIVFPQ(coarse, dim, nlist, config.pq_bytes, 8, ip)
+    elif config.storage == "fp32":
+        index = faiss.IndexIVFFlat(coarse, dim, nlist, ip)
+    else:
+        index = faiss.IndexIVFScalarQuantizer(coarse, dim, nlist, _QTYPES[config.storage], ip)
+        # Store the vectors themselves, not residuals to their centroid: int8 codes stay exact.
+        index.by_residual = False
+    # faiss's Python constructors keep `coarse` alive as long as `index`.
+    index.nprobe = min(config.nprobe, nlist)
+    return index
+
+
+def _pin_int8_ranges(index, scale: np.ndarray) -> None:
+    """Make QT_8bit decode code c to (c − 128)·scale_j: vmin = −128.5·s, vdiff = 255·s."""
+    holder = faiss.downcast_index(index.storage) if hasattr(index, "storage") else index
+    trained = np.concatenate([-128.5 * scale, 255.0 * scale]).astype(np.float32)
+    faiss.copy_array_to_vector(trained, holder.sq.trained)
+    holder.is_trained = True
+
+
+def _to_gpu(index):
+    """A GPU copy when faiss has GPUs and supports this structure there; else `index`."""
+    if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError):
+        return index
+
+
+class SearchIndex:
+    """A faiss structure over the stored vectors (row r = row r of the build order)."""
+
+    def __init__(self, index, config: IndexConfig):
+        self.cpu_index = index
+        self.index = _to_gpu(index)
+        self.config = config
+
+    @classmethod
+    def build(
+        cls,
+        config: IndexConfig,
+        dim: int,
+        num_examples: int,
+        batches: Iterator[np.ndarray],
+        scale: np.ndarray | None = None,
+    ) -> SearchIndex:
+        """Fill a new structure from float32 batches of stored values, in row order.
+
+        Args:
+            batches: [rows, dim] float32 values (int8 storage: code × scale).
+            scale: int8 storage: the per-dimension scales [dim].
+        Approximate structures are trained on the first rows (up to 64 per IVF list).
+        """
+        index = _make(config, dim, num_examples)
+        if config.storage == "int8" and config.search == "flat":
+            _pin_int8_ranges(index, scale)
+        pending: list[np.ndarray] = []
+        if not index.is_trained:
+            wanted = min(num_examples, _MAX_TRAIN, _TRAIN_PER_LIST * _nlist(config, num_examples))
+            if config.search == "ivfpq":
+                wanted = min(num_examples, max(wanted, 256 * 39))
+            held = 0
+            for batch in batches:
+                pending.append(batch)
+                held += batch.shape[0]
+                if held >= wanted:
+                    break
+            index.train(np.concatenate(pending)[:wanted])
+            if config.storage == "int8" and config.search != "ivfpq":
+                _pin_int8_ranges(index, scale)
+        for batch in pending:
+            index.add(batch)
+        for batch in batches:
+            index.add(batch)
+        return cls(index, config)
+
+    @classmethod
+    def read(cls, path: str, config: IndexConfig) -> SearchIndex:
+        index = faiss.read_index(path)
+        if config.search == "hnsw":
+            index.hnsw.efSearch = config.hnsw_ef_search
+        elif config.search in ("ivf", "ivfpq"):
+            index.nprobe = min(config.nprobe, index.nlist)
+        return cls(index, config)
+
+    def write(self, path: str) -> None:
+        faiss.write_index(self.cpu_index, path)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Largest inner products: (scores [Q, k] float32, rows [Q, k] int64, -1 past N)."""
+        k = max(1, min(k, self.size))
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, rows

@@ -1,0 +1,369 @@
+"""Index: exactness against engine.score, invariances, compressions, storage, search, errors."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastinf.index
+from fastinf.artifacts import ArtifactCorruptError, ArtifactMismatchError
+from fastinf.config import CurvatureConfig, ScoreConfig
+from fastinf.diffusion import NoiseSchedule
+from fastinf.engine import InfluenceEngine
+from fastinf.index import IndexConfig, TrainingIndex
+from fastinf.index.compress import CoordinateLayout, damped_ratio, make_compressor
+from fastinf.index.encode import Quantizer, VectorEncoder
+from fastinf.index.search import SearchIndex
+
+from tiny import TinyConvEps, random_dataset
+
+CONFIG = ScoreConfig(train_draws=3, query_draws=4, damping=1e-3, block_size=4, batch_size=64)
+EXACT = IndexConfig(compression="exact", storage="fp32", shard_size=4)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.manual_seed(0)
+    engine = InfluenceEngine(
+        TinyConvEps().double(),
+        NoiseSchedule.linear(100, 1e-3, 0.2),
+        random_dataset(9, (2, 5, 5), seed=1),
+        config=CONFIG,
+    )
+    engine.fit(CurvatureConfig(factor_draws=2, eigval_draws=2))
+    queries = random_dataset(5, (2, 5, 5), seed=7).images
+    exact = engine.score(queries, k=3, return_scores=True)
+    return engine, queries, exact
+
+
+@pytest.fixture
+def engine(fitted):
+    engine = fitted[0]
+    engine.config = CONFIG
+    engine.unload_index()
+    yield engine
+    engine.config = CONFIG
+    engine.unload_index()
+
+
+def test_public_api_is_pinned():
+    assert sorted(fastinf.index.__all__) == [
+        "COMPRESSORS",
+        "IndexConfig",
+        "TrainingIndex",
+        "build_index",
+        "init_distributed",
+    ]
+    for name in fastinf.index.__all__:
+        assert getattr(fastinf.index, name).__doc__
+
+
+def test_uncompressed_index_reproduces_engine_scores(fitted, engine, tmp_path):
+    _, queries, exact = fitted
+    index = engine.build_index(tmp_path, EXACT)
+    assert index.dim == sum(
+        p.numel() for n, p in engine.model.named_parameters() if "norm" not in n
+    )
+    result = engine.score(queries, k=3, return_scores=True)
+    # Stored in float32: the index scores carry float32 rounding of each vector, nothing more.
+    scale = exact.scores.abs().max()
+    torch.testing.assert_close(result.scores, exact.scores, rtol=0, atol=1e-6 * float(scale))
+    assert torch.equal(result.proponents.indices, exact.proponents.indices)
+    assert torch.equal(result.opponents.indices, exact.opponents.indices)
+    assert torch.equal(result.query_ids, exact.query_ids)
+    assert (result.proponents.scores[:, :-1] >= result.proponents.scores[:, 1:]).all()
+    assert (result.opponents.scores[:, :-1] <= result.opponents.scores[:, 1:]).all()
+
+
+def test_query_cache_and_images_give_the_same_query_vectors(fitted, engine, tmp_path):
+    _, queries, _ = fitted
+    index = engine.build_index(tmp_path, EXACT)
+    from_images, ids = index.query_vectors(engine, queries)
+    from_cache, cache_ids = index.query_vectors(engine, engine.prepare_queries(queries))
+    assert torch.equal(ids, cache_ids)
+    torch.testing.assert_close(
+        from_cache, from_images, rtol=1e-9, atol=1e-9 * float(from_images.abs().max())
+    )
+
+
+@pytest.mark.parametrize("storage", ["fp32", "int8"])
+def test_build_is_invariant_to_block_and_shard_size(engine, tmp_path, storage):
+    config = dataclasses.replace(EXACT, storage=storage, calibration_examples=9)
+    engine.config = dataclasses.replace(CONFIG, block_size=2)
+    first = engine.build_index(tmp_path / "a", dataclasses.replace(config, shard_size=3)).vectors()
+    engine.config = dataclasses.replace(CONFIG, block_size=9)
+    second = engine.build_index(tmp_path / "b", dataclasses.replace(config, shard_size=5)).vectors()
+    if storage == "fp32":
+        np.testing.assert_allclose(first, second, rtol=0, atol=1e-6 * np.abs(first).max())
+    else:  # the same codes, up to a rounding tie flipped by a last-bit difference
+        assert np.abs(first.astype(int) - second.astype(int)).max() <= 1
+
+
+def test_exact_rerank_of_every_candidate_is_the_exact_top_k(fitted, engine, tmp_path):
+    _, queries, exact = fitted
+    engine.build_index(tmp_path, IndexConfig(compression="countsketch", dim=8, storage="int8"))
+    approximate = engine.score(queries, k=3)
+    reranked = engine.score(queries, k=3, exact_rerank=9)
+    assert torch.equal(reranked.proponents.indices, exact.proponents.indices)
+    assert torch.equal(reranked.opponents.indices, exact.opponents.indices)
+    torch.testing.assert_close(reranked.proponents.scores, exact.proponents.scores)
+    assert not torch.equal(approximate.proponents.scores, exact.proponents.scores)
+
+
+def test_index_over_a_subset_maps_rows_to_dataset_indices(fitted, engine, tmp_path):
+    _, queries, _ = fitted
+    subset = [8, 2, 5, 0]
+    index = engine.build_index(tmp_path, EXACT, indices=subset)
+    expected = engine.score(queries, k=2, indices=subset, return_scores=True)
+    result = engine.score(queries, k=2, return_scores=True)
+    assert index.order.tolist() == subset
+    assert torch.equal(result.proponents.indices, expected.proponents.indices)
+    scale = float(expected.scores.abs().max())
+    torch.testing.assert_close(result.scores, expected.scores, rtol=0, atol=1e-6 * scale)
+
+
+# -- compressions ---------------------------------------------------------------------------
+def _encoder(engine, config, ranking=None):
+    curvature = engine.curvature
+    layout = CoordinateLayout(curvature)
+    ranking = ranking or damped_ratio(curvature, CONFIG.damping, CONFIG.damping_mode)
+    compressor = make_compressor(layout, config, ranking)
+    return VectorEncoder(curvature, CONFIG.damping, CONFIG.damping_mode, compressor), layout
+
+
+def _random_vectors(layout, count, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, layout.size, generator=generator, dtype=torch.float64)
+
+
+def test_truncation_keeps_the_highest_ranked_coordinates(engine):
+    encoder, layout = _encoder(engine, IndexConfig(compression="truncate", dim=37))
+    ratio = torch.cat([r for r in damped_ratio(engine.curvature, 1e-3, "absolute").values()])
+    kept = torch.sort(ratio, descending=True, stable=True).indices[:37]
+    x, y = _random_vectors(layout, 2, 0)
+    cx, cy = encoder.compress_whitened(layout.split(torch.stack([x, y])))
+    torch.testing.assert_close(cx @ cy, (x[kept] * y[kept]).sum())
+    torch.testing.assert_close(cx, x[kept])
+
+
+def test_hybrid_is_truncation_plus_a_countsketch_of_the_rest(engine):
+    config = IndexConfig(compression="hybrid", dim=40, exact_fraction=0.25)
+    encoder, layout = _encoder(engine, config)
+    x = _random_vectors(layout, 1, 1)
+    out = encoder.compress_whitened(layout.split(x))[0]
+    kept = encoder.compressor.kept
+    assert kept.numel() == 10
+    torch.testing.assert_close(out[:10], x[0, kept])
+    rest = x.clone()
+    rest[0, kept] = 0
+    sketched = encoder.compress_whitened(layout.split(rest))[0]
+    torch.testing.assert_close(sketched[10:], out[10:])
+    torch.testing.assert_close(sketched[10:].sum().abs() > 0, torch.tensor(True))
+
+
+def test_kronecker_sketch_is_the_kronecker_product(engine):
+    encoder, layout = _encoder(engine, IndexConfig(compression="kronecker", dim=60))
+    x = _random_vectors(layout, 1, 2)
+    out = encoder.compress_whitened(layout.split(x))[0]
+    compressor = encoder.compressor
+    for block in layout:
+        s_out, s_in = (s.double() for s in compressor.factors[block.layer])
+        values = x[0, block.offset : block.offset + block.size]
+        matrix = torch.kron(s_out, s_in) if block.part == "weight" else s_out
+        expected = matrix @ values
+        start = compressor.offsets[block.key]
+        torch.testing.assert_close(out[start : start + expected.numel()], expected)
+
+
+def test_fused_gaussian_sketch_matches_whiten_then_project(engine):
+    encoder, _ = _encoder(engine, IndexConfig(compression="gaussian", dim=48))
+    grads = engine.train_gradients([0, 1, 2])
+    coords = encoder.project(grads)
+    torch.testing.assert_close(
+        encoder.compress(coords), encoder.compress_whitened(encoder.whiten(coords))
+    )
+
+
+@pytest.mark.parametrize("compression", ["countsketch", "gaussian", "kronecker"])
+def test_sketches_preserve_inner_products_in_expectation(engine, compression):
+    layout = CoordinateLayout(engine.curvature)
+    x, y = _random_vectors(layout, 2, 3)
+    x = x + 0.5 * y  # correlated: a non-zero inner product to recover
+    estimates = []
+    for seed in range(200):
+        config = IndexConfig(compression=compression, dim=64, sketch_seed=seed)
+        encoder, _ = _encoder(engine, config)
+        cx, cy = encoder.compress_whitened(layout.split(torch.stack([x, y])))
+        estimates.append(float(cx @ cy))
+    estimates = torch.tensor(estimates, dtype=torch.float64)
+    error = float(estimates.mean() - x @ y)
+    standard_error = float(estimates.std() / math.sqrt(len(estimates)))
+    assert abs(error) < 4 * standard_error
+    assert float(estimates.std()) < float(x.norm() * y.norm())  # a real sketch, not noise
+
+
+def test_countsketch_is_one_signed_bucket_per_coordinate(engine):
+    encoder, layout = _encoder(engine, IndexConfig(compression="countsketch", dim=16))
+    basis = torch.eye(layout.size, dtype=torch.float64)
+    matrix = encoder.compress_whitened(layout.split(basis))
+    assert ((matrix != 0).sum(1) == 1).all()
+    assert set(matrix[matrix != 0].tolist()) <= {-1.0, 1.0}
+
+
+# -- storage and search ---------------------------------------------------------------------
+def test_int8_quantisation_error_is_half_a_step_and_search_is_exact():
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn(300, 24, generator=generator) * torch.linspace(0.1, 10, 24)
+    quantizer = Quantizer.calibrate(IndexConfig(storage="int8"), vectors)
+    codes = quantizer.store(vectors)
+    decoded = torch.from_numpy(quantizer.values(codes))
+    assert ((decoded - vectors).abs() <= quantizer.scale / 2 + 1e-5).all()
+    # Small query values: a search that rounded the query to integers would score 0.
+    query = 1e-3 * torch.randn(3, 24, generator=generator)
+    values = quantizer.values(codes)
+    index = SearchIndex.build(
+        IndexConfig(storage="int8"), 24, 300, iter([values]), quantizer.scale_array()
+    )
+    scores, rows = index.search(quantizer.query(query), 5)
+    brute = query.double() @ torch.from_numpy(values).double().T
+    assert torch.equal(torch.from_numpy(rows), brute.topk(5, dim=1).indices)
+    torch.testing.assert_close(torch.from_numpy(scores).double(), brute.topk(5, dim=1).values)
+
+
+def test_fp16_overflow_is_an_error_naming_the_fix():
+    with pytest.raises(ValueError, match="storage='fp32' or 'int8'"):
+        Quantizer("fp16").store(torch.full((1, 4), 1e6))
+
+
+def _clustered(count, dim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(16, dim, generator=generator)
+    labels = torch.randint(0, 16, (count,), generator=generator)
+    return (centres[labels] + 0.3 * torch.randn(count, dim, generator=generator)).numpy()
+
+
+@pytest.mark.parametrize(
+    ("search", "storage", "options", "minimum"),
+    [
+        ("ivf", "fp32", dict(nlist=8, nprobe=8), 1.0),  # every list probed: exact
+        ("ivf", "int8", dict(nlist=8, nprobe=8), 1.0),
+        ("hnsw", "fp32", dict(), 0.9),
+        ("hnsw", "int8", dict(), 0.9),
+        ("ivfpq", "fp32", dict(nlist=4, nprobe=4, pq_bytes=8), 0.4),
+    ],
+)
+def test_approximate_structures_against_flat(search, storage, options, minimum):
+    values = _clustered(3000, 32, 0)
+    queries = _clustered(20, 32, 1)
+    scale = None
+    if storage == "int8":
+        quantizer = Quantizer.calibrate(IndexConfig(storage="int8"), torch.from_numpy(values))
+        values, scale = (
+            quantizer.values(quantizer.store(torch.from_numpy(values))),
+            quantizer.scale_array(),
+        )
+    flat = SearchIndex.build(IndexConfig(storage=storage), 32, 3000, iter([values]), scale)
+    config = IndexConfig(search=search, storage=storage, **options)
+    approx = SearchIndex.build(config, 32, 3000, iter(np.array_split(values, 7)), scale)
+    truth = flat.search(queries, 10)[1]
+    found = approx.search(queries, 10)[1]
+    recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
+    assert recall >= minimum
+
+
+def test_approximate_index_is_written_and_read_back(engine, tmp_path):
+    config = IndexConfig(compression="countsketch", dim=8, storage="fp16", search="hnsw")
+    index = engine.build_index(tmp_path, config)
+    assert (tmp_path / "search.faiss").exists()
+    vectors, _ = index.query_vectors(engine, torch.zeros(1, 2, 5, 5, dtype=torch.float64))
+    again = TrainingIndex.load(tmp_path, engine)
+    assert torch.equal(again.search(vectors, 3)[0].indices, index.search(vectors, 3)[0].indices)
+
+
+# -- errors ---------------------------------------------------------------------------------
+def test_flipped_byte_in_a_shard_is_detected(engine, tmp_path):
+    engine.build_index(tmp_path, EXACT)
+    path = tmp_path / "shards" / "shard_00001.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactCorruptError, match=r"shard 1 .* does not match its checksum"):
+        engine.load_index(tmp_path)
+
+
+def test_shard_of_another_build_is_detected(engine, tmp_path):
+    engine.build_index(tmp_path / "a", EXACT)
+    engine.build_index(tmp_path / "b", dataclasses.replace(EXACT, sketch_seed=1))
+    for suffix in (".npy", ".json"):
+        name = f"shard_00000{suffix}"
+        (tmp_path / "a" / "shards" / name).write_bytes(
+            (tmp_path / "b" / "shards" / name).read_bytes()
+        )
+    manifest = json.loads((tmp_path / "a" / "index.json").read_text())
+    manifest["complete"] = False
+    (tmp_path / "a" / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactMismatchError, match="belongs to another index build"):
+        engine.build_index(tmp_path / "a", EXACT)
+
+
+def test_index_of_another_model_dataset_or_damping_is_rejected(fitted, engine, tmp_path):
+    engine.build_index(tmp_path, EXACT)
+    torch.manual_seed(1)
+    other_model = InfluenceEngine(
+        TinyConvEps().double(), engine.schedule, engine.train_set, config=CONFIG
+    )
+    other_model.curvature = engine.curvature
+    with pytest.raises(ArtifactMismatchError, match=r"provenance\.model"):
+        other_model.load_index(tmp_path)
+    other_data = InfluenceEngine(
+        engine.model, engine.schedule, random_dataset(9, (2, 5, 5), seed=5), config=CONFIG
+    )
+    other_data.curvature = engine.curvature
+    with pytest.raises(ArtifactMismatchError, match=r"provenance\.dataset"):
+        other_data.load_index(tmp_path)
+    engine.config = dataclasses.replace(CONFIG, damping=0.1)
+    with pytest.raises(ArtifactMismatchError, match=r"gradients\.damping"):
+        engine.load_index(tmp_path)
+    engine.config = CONFIG
+    engine.load_index(tmp_path)
+    engine.config = dataclasses.replace(CONFIG, damping_mode="relative")
+    with pytest.raises(ArtifactMismatchError, match="damping_mode"):
+        engine.score(fitted[1])
+
+
+def test_resume_with_another_config_is_rejected_unless_overwritten(engine, tmp_path):
+    engine.build_index(tmp_path, EXACT)
+    other = IndexConfig(compression="countsketch", dim=8, storage="fp32", shard_size=4)
+    with pytest.raises(ArtifactMismatchError, match=r"vectors\.compression"):
+        engine.build_index(tmp_path, other)
+    assert engine.build_index(tmp_path, other, overwrite=True).dim == 8
+
+
+def test_incomplete_build_is_named_and_resumes_only_the_missing_shard(engine, tmp_path):
+    complete = engine.build_index(tmp_path, EXACT).vectors()
+    kept = tmp_path / "shards" / "shard_00000.npy"
+    before = kept.stat().st_mtime_ns
+    (tmp_path / "shards" / "shard_00001.json").unlink()
+    manifest = json.loads((tmp_path / "index.json").read_text())
+    manifest["complete"] = False
+    (tmp_path / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match=r"incomplete \(2 of 3 shards\)"):
+        engine.load_index(tmp_path)
+    resumed = engine.build_index(tmp_path, EXACT).vectors()
+    assert kept.stat().st_mtime_ns == before
+    np.testing.assert_array_equal(resumed, complete)
+
+
+def test_missing_index_and_trak_curvature_say_what_to_do(engine, tmp_path):
+    with pytest.raises(FileNotFoundError, match="fastinf index --out"):
+        engine.load_index(tmp_path / "none")
+    with pytest.raises(ValueError, match=r"IndexConfig\.storage='int4'"):
+        IndexConfig(storage="int4")
+
+
+def test_default_config_fits_the_budget():
+    config = IndexConfig()
+    assert config.dim * config.bytes_per_value <= 16 * 1024
