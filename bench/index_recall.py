@@ -12,8 +12,8 @@ training set projects every train gradient into the eigenbasis once and feeds it
 - the exact whitened vectors, whose inner products with the whitened queries are the exact
   EK-FAC scores (checked against `engine.score` on a subset before anything is reported);
 - every compression of `fastinf.index` (countsketch, gaussian, kronecker, truncate by
-  Λ/(Λ+λ) or by calibration energy, hybrid) at 256 … 16,384 dimensions, each stored as
-  fp32, fp16 and int8 exactly as the index stores them.
+  Λ/(Λ+λ) or by calibration energy, hybrid) at 256 … 32,768 dimensions, each stored as
+  fp32, fp16, int8 and int4 exactly as the index stores them.
 
 For each (damping, compression, dim, storage) it reports recall@10 of the proponents and
 of the opponents (mean and worst query), and recall after an exact re-rank of the top
@@ -41,9 +41,10 @@ from fastinf.index.encode import Quantizer, VectorEncoder
 from fastinf.sampling import sample_ddpm
 
 DAMPINGS = (("absolute", 1e-8), ("relative", 0.1))
-DIMS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+DIMS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+TRUNCATE_DIMS = DIMS[:-1]  # truncate/hybrid trail countsketch at every size below
 GAUSSIAN_DIMS = (256, 512, 1024, 2048)  # dense sketches beyond cost minutes per block
-STORAGES = ("fp32", "fp16", "int8")
+STORAGES = ("fp32", "fp16", "int8", "int4")
 RERANK = (20, 50)
 TOP_K = 10
 BLOCK = 64
@@ -59,30 +60,17 @@ def variants(layout, curvature, damping, energy):
     for dim in DIMS:
         out.append(("countsketch", IndexConfig(compression="countsketch", dim=dim), ratio))
         out.append(("kronecker", IndexConfig(compression="kronecker", dim=dim), ratio))
-        out.append(
-            (
-                "truncate (Λ/(Λ+λ))",
-                IndexConfig(compression="truncate", dim=dim, rank_by="damped_ratio"),
-                ratio,
-            )
-        )
-        out.append(
-            (
-                "truncate (energy)",
-                IndexConfig(compression="truncate", dim=dim, rank_by="energy"),
-                energy,
-            )
-        )
-        out.append(("hybrid (energy)", IndexConfig(compression="hybrid", dim=dim), energy))
-        out.append(
-            (
-                "hybrid (Λ/(Λ+λ))",
-                IndexConfig(compression="hybrid", dim=dim, rank_by="damped_ratio"),
-                ratio,
-            )
-        )
         if dim in GAUSSIAN_DIMS:
             out.append(("gaussian", IndexConfig(compression="gaussian", dim=dim), ratio))
+        if dim not in TRUNCATE_DIMS:
+            continue
+        for rank_by, ranking, name in (
+            ("damped_ratio", ratio, "Λ/(Λ+λ)"),
+            ("energy", energy, "energy"),
+        ):
+            for compression in ("truncate", "hybrid"):
+                config = IndexConfig(compression=compression, dim=dim, rank_by=rank_by)
+                out.append((f"{compression} ({name})", config, ranking))
     return [
         (label, config, make_compressor(layout, config, ranking)) for label, config, ranking in out
     ]
@@ -175,7 +163,9 @@ def main() -> None:
                     "compression": label,
                     "dim": encoder.dim,
                     "storage": storage,
-                    "bytes_per_example": encoder.dim * IndexConfig(storage=storage).bytes_per_value,
+                    "bytes_per_example": IndexConfig(storage=storage).bytes_per_example(
+                        encoder.dim
+                    ),
                     "N": total,
                     "Q": args.queries,
                 }

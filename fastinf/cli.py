@@ -109,8 +109,13 @@ def _cmd_fit(args) -> int:
 def _cmd_topk(args) -> int:
     engine = _engine(args, _score_config(args))
     engine.load_curvature(args.curvature)
+    rank = 0
     if args.index:
-        engine.load_index(args.index)
+        from .index import init_distributed
+
+        # Under torchrun, each rank searches its own shards; rank 0 writes the result.
+        rank, world = init_distributed()
+        engine.load_index(args.index, sharded=world > 1)
     if args.queries:
         queries, cond = load_tensors(args.queries)
     else:
@@ -123,6 +128,8 @@ def _cmd_topk(args) -> int:
     result = engine.score(
         queries.to(engine.dtype), k=args.k, cond=cond, exact_rerank=args.exact_rerank
     )
+    if rank != 0:
+        return 0
     text = json.dumps(result.to_dict(), indent=1)
     if args.out:
         Path(args.out).write_text(text)

@@ -127,12 +127,13 @@ class InfluenceEngine:
         self.index = build_index(self, directory, config, **options)
         return self.index
 
-    def load_index(self, directory: str | os.PathLike):
+    def load_index(self, directory: str | os.PathLike, **options):
         """Load an index built for this model, data, curvature and ScoreConfig; `score`
-        then searches it instead of streaming the training set (`unload_index` undoes)."""
+        then searches it instead of streaming the training set (`unload_index` undoes).
+        Options: `verify`, `sharded` (`fastinf.index.TrainingIndex.load`)."""
         from .index import TrainingIndex
 
-        self.index = TrainingIndex.load(directory, self)
+        self.index = TrainingIndex.load(directory, self, **options)
         return self.index
 
     def unload_index(self) -> None:

@@ -1,5 +1,6 @@
 """Index: exactness against engine.score, invariances, compressions, storage, search, errors."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -21,7 +22,7 @@ from fastinf.index.search import SearchIndex
 from tiny import TinyConvEps, random_dataset
 
 CONFIG = ScoreConfig(train_draws=3, query_draws=4, damping=1e-3, block_size=4, batch_size=64)
-EXACT = IndexConfig(compression="exact", storage="fp32", shard_size=4)
+EXACT = IndexConfig(compression="exact", storage="fp32", shard_size=4, exact_rerank=0)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_query_cache_and_images_give_the_same_query_vectors(fitted, engine, tmp_
     )
 
 
-@pytest.mark.parametrize("storage", ["fp32", "int8"])
+@pytest.mark.parametrize("storage", ["fp32", "int4"])
 def test_build_is_invariant_to_block_and_shard_size(engine, tmp_path, storage):
     config = dataclasses.replace(EXACT, storage=storage, calibration_examples=9)
     engine.config = dataclasses.replace(CONFIG, block_size=2)
@@ -99,14 +100,15 @@ def test_build_is_invariant_to_block_and_shard_size(engine, tmp_path, storage):
     if storage == "fp32":
         np.testing.assert_allclose(first, second, rtol=0, atol=1e-6 * np.abs(first).max())
     else:  # the same codes, up to a rounding tie flipped by a last-bit difference
-        assert np.abs(first.astype(int) - second.astype(int)).max() <= 1
+        nibbles = [np.stack([v & 15, v >> 4]).astype(int) for v in (first, second)]
+        assert np.abs(nibbles[0] - nibbles[1]).max() <= 1
 
 
 def test_exact_rerank_of_every_candidate_is_the_exact_top_k(fitted, engine, tmp_path):
     _, queries, exact = fitted
-    engine.build_index(tmp_path, IndexConfig(compression="countsketch", dim=8, storage="int8"))
-    approximate = engine.score(queries, k=3)
-    reranked = engine.score(queries, k=3, exact_rerank=9)
+    engine.build_index(tmp_path, IndexConfig(compression="countsketch", dim=8, exact_rerank=9))
+    approximate = engine.score(queries, k=3, exact_rerank=0)
+    reranked = engine.score(queries, k=3)  # the index's default: re-rank every candidate
     assert torch.equal(reranked.proponents.indices, exact.proponents.indices)
     assert torch.equal(reranked.opponents.indices, exact.opponents.indices)
     torch.testing.assert_close(reranked.proponents.scores, exact.proponents.scores)
@@ -214,18 +216,20 @@ def test_countsketch_is_one_signed_bucket_per_coordinate(engine):
 
 
 # -- storage and search ---------------------------------------------------------------------
-def test_int8_quantisation_error_is_half_a_step_and_search_is_exact():
+@pytest.mark.parametrize("storage", ["int8", "int4"])
+def test_integer_storage_error_is_half_a_step_and_search_is_exact(storage):
     generator = torch.Generator().manual_seed(0)
     vectors = torch.randn(300, 24, generator=generator) * torch.linspace(0.1, 10, 24)
-    quantizer = Quantizer.calibrate(IndexConfig(storage="int8"), vectors)
+    quantizer = Quantizer.calibrate(IndexConfig(storage=storage), vectors)
     codes = quantizer.store(vectors)
+    assert codes.shape == (300, 24 if storage == "int8" else 12)
     decoded = torch.from_numpy(quantizer.values(codes))
     assert ((decoded - vectors).abs() <= quantizer.scale / 2 + 1e-5).all()
     # Small query values: a search that rounded the query to integers would score 0.
     query = 1e-3 * torch.randn(3, 24, generator=generator)
     values = quantizer.values(codes)
     index = SearchIndex.build(
-        IndexConfig(storage="int8"), 24, 300, iter([values]), quantizer.scale_array()
+        IndexConfig(storage=storage), 24, 300, iter([values]), quantizer.scale_array()
     )
     scores, rows = index.search(quantizer.query(query), 5)
     brute = query.double() @ torch.from_numpy(values).double().T
@@ -234,7 +238,7 @@ def test_int8_quantisation_error_is_half_a_step_and_search_is_exact():
 
 
 def test_fp16_overflow_is_an_error_naming_the_fix():
-    with pytest.raises(ValueError, match="storage='fp32' or 'int8'"):
+    with pytest.raises(ValueError, match="overflow fp16"):
         Quantizer("fp16").store(torch.full((1, 4), 1e6))
 
 
@@ -252,6 +256,7 @@ def _clustered(count, dim, seed):
         ("ivf", "int8", dict(nlist=8, nprobe=8), 1.0),
         ("hnsw", "fp32", dict(), 0.9),
         ("hnsw", "int8", dict(), 0.9),
+        ("ivf", "int4", dict(nlist=8, nprobe=8), 1.0),
         ("ivfpq", "fp32", dict(nlist=4, nprobe=4, pq_bytes=8), 0.4),
     ],
 )
@@ -259,8 +264,8 @@ def test_approximate_structures_against_flat(search, storage, options, minimum):
     values = _clustered(3000, 32, 0)
     queries = _clustered(20, 32, 1)
     scale = None
-    if storage == "int8":
-        quantizer = Quantizer.calibrate(IndexConfig(storage="int8"), torch.from_numpy(values))
+    if storage in ("int8", "int4"):
+        quantizer = Quantizer.calibrate(IndexConfig(storage=storage), torch.from_numpy(values))
         values, scale = (
             quantizer.values(quantizer.store(torch.from_numpy(values))),
             quantizer.scale_array(),
@@ -360,10 +365,14 @@ def test_incomplete_build_is_named_and_resumes_only_the_missing_shard(engine, tm
 def test_missing_index_and_trak_curvature_say_what_to_do(engine, tmp_path):
     with pytest.raises(FileNotFoundError, match="fastinf index --out"):
         engine.load_index(tmp_path / "none")
-    with pytest.raises(ValueError, match=r"IndexConfig\.storage='int4'"):
-        IndexConfig(storage="int4")
+    fake = copy.copy(engine.curvature)
+    fake.config = dataclasses.replace(fake.config, strategy="trak")
+    with pytest.raises(ValueError, match="a 'trak' curvature has none"):
+        engine.with_config(curvature=fake).build_index(tmp_path)
+    with pytest.raises(ValueError, match=r"IndexConfig\.storage='int2'"):
+        IndexConfig(storage="int2")
 
 
 def test_default_config_fits_the_budget():
     config = IndexConfig()
-    assert config.dim * config.bytes_per_value <= 16 * 1024
+    assert config.bytes_per_example(config.dim) <= 16 * 1024

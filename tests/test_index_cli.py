@@ -38,7 +38,7 @@ def test_cli_index_then_topk_matches_exact_scores(tmp_path, capsys):
     assert "index of 6 examples" in capsys.readouterr().out
     query = ["topk", *common, *curvature, "--queries", str(tmp_path / "queries.safetensors")]
     query += ["--k", "3", *SMALL, "--query-draws", "2", "--index", str(tmp_path / "idx")]
-    assert main([*query, "--out", str(tmp_path / "out.json")]) == 0
+    assert main([*query, "--exact-rerank", "0", "--out", str(tmp_path / "out.json")]) == 0
     written = json.loads((tmp_path / "out.json").read_text())
     engine = InfluenceEngine(
         load_unet(tmp_path / "unet.safetensors"),

@@ -1,8 +1,9 @@
-"""Index builds across processes: 2 gloo ranks = 1 process; kill -9, then resume.
+"""Index across processes: 2 gloo ranks build and search like 1 process; kill -9, resume.
 
 Run as a script, this file is the worker those tests launch:
     python tests/test_index_faults.py build CURVATURE INDEX [--slow]
-(under `torch.distributed.run` the ranks share the build).
+    python tests/test_index_faults.py query CURVATURE INDEX OUT.json
+(under `torch.distributed.run` the ranks share the build, or the search).
 """
 
 import json
@@ -26,7 +27,12 @@ from tiny import TinyConvEps, random_dataset
 
 CONFIG = ScoreConfig(train_draws=2, query_draws=2, damping=1e-3, block_size=2, batch_size=64)
 INDEX = IndexConfig(
-    compression="hybrid", dim=24, storage="int8", shard_size=2, calibration_examples=4
+    exact_rerank=0,
+    compression="hybrid",
+    dim=24,
+    storage="int8",
+    shard_size=2,
+    calibration_examples=4,
 )
 NUM_EXAMPLES = 12
 HERE = Path(__file__).resolve().parent
@@ -125,12 +131,48 @@ def test_build_killed_mid_way_resumes_without_missing_or_duplicated_rows(
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def _build_worker(curvature: str, directory: str, slow: bool) -> None:
-    init_distributed()
-    engine = make_engine(slow=slow)
+def _queries():
+    return random_dataset(3, (2, 5, 5), seed=7).images
+
+
+def test_two_gloo_ranks_search_their_shards_like_one_process(curvature_dir, tmp_path):
+    engine = make_engine()
+    engine.load_curvature(curvature_dir)
+    engine.build_index(tmp_path / "index", INDEX)
+    expected = engine.score(_queries(), k=4, return_scores=True)
+    command, env = _worker("query", curvature_dir, tmp_path / "index", tmp_path / "out.json")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*launcher, *command[1:]], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["rows_per_rank"] == [6, 6]
+    assert written["proponents"] == expected.proponents.indices.tolist()
+    assert written["opponents"] == expected.opponents.indices.tolist()
+    torch.testing.assert_close(
+        torch.tensor(written["scores"], dtype=torch.float64), expected.scores
+    )
+
+
+def _worker_main(mode: str, curvature: str, directory: str, *rest: str) -> None:
+    rank, world = init_distributed()
+    engine = make_engine(slow="--slow" in rest)
     engine.load_curvature(curvature)
-    engine.build_index(directory, INDEX)
+    if mode == "build":
+        engine.build_index(directory, INDEX)
+        return
+    index = engine.load_index(directory, sharded=True)
+    result = engine.score(_queries(), k=4, return_scores=True)
+    rows: list = [None] * world
+    torch.distributed.all_gather_object(rows, len(index.rows))
+    if rank == 0:
+        written = {
+            "rows_per_rank": rows,
+            "proponents": result.proponents.indices.tolist(),
+            "opponents": result.opponents.indices.tolist(),
+            "scores": result.scores.tolist(),
+        }
+        Path(rest[0]).write_text(json.dumps(written))
 
 
 if __name__ == "__main__":
-    _build_worker(sys.argv[2], sys.argv[3], "--slow" in sys.argv)
+    _worker_main(*sys.argv[1:])

@@ -136,10 +136,10 @@ def _calibrate(engine, config: IndexConfig, layout, order: np.ndarray):
         ranking = energy
     compressor = make_compressor(layout, config, ranking)
     encoder = VectorEncoder(curvature, score.damping, score.damping_mode, compressor)
-    if config.storage != "int8":
+    if config.storage not in ("int8", "int4"):
         return compressor, Quantizer(config.storage)
     vectors = []
-    with progress_bar(len(calibration), "index calibration (int8 scales)") as bar:
+    with progress_bar(len(calibration), f"index calibration ({config.storage} scales)") as bar:
         for chunk, grads in _train_blocks(engine, calibration):
             vectors.append(encoder.encode(grads).cpu())
             bar.update(len(chunk))
@@ -166,7 +166,7 @@ def load_encoder(store: IndexStore, engine, manifest: dict) -> tuple[VectorEncod
             "another torch version draws other random numbers; rebuild the index."
         )
     encoder = VectorEncoder(curvature, score.damping, score.damping_mode, compressor)
-    return encoder, Quantizer(config.storage, tensors.get("int8_scale"))
+    return encoder, Quantizer(config.storage, tensors.get("scale"))
 
 
 def _prepare(store: IndexStore, engine, config: IndexConfig, order: np.ndarray) -> None:
@@ -293,7 +293,7 @@ def build_index(
     desc = "index build" if world == 1 else f"index build [rank {rank}/{world}]"
     with progress_bar(sum(s.rows for s in mine), desc) as bar:
         for shard in mine:
-            values = np.empty((shard.rows, encoder.dim), dtype=quantizer.dtype)
+            values = np.empty((shard.rows, quantizer.width(encoder.dim)), dtype=quantizer.dtype)
             filled = 0
             for chunk, grads in _train_blocks(engine, order[shard.start : shard.stop]):
                 values[filled : filled + len(chunk)] = quantizer.store(encoder.encode(grads))

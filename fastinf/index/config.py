@@ -14,10 +14,10 @@ from typing import Any
 __all__ = ["COMPRESSIONS", "SEARCHES", "STORAGES", "IndexConfig"]
 
 COMPRESSIONS = ("exact", "countsketch", "gaussian", "kronecker", "truncate", "hybrid")
-STORAGES = ("fp32", "fp16", "int8")
+STORAGES = ("fp32", "fp16", "int8", "int4")
 SEARCHES = ("flat", "ivf", "ivfpq", "hnsw")
 RANKINGS = ("damped_ratio", "energy")
-BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1}
+BITS_PER_VALUE = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 
 
 def _positive(name: str, value: int) -> None:
@@ -42,7 +42,7 @@ class IndexConfig:
     """
 
     compression: str = field(
-        default="hybrid",
+        default="countsketch",
         metadata={
             "help": "exact: every whitened coordinate (tiny models, tests); countsketch: "
             "signed hashing into `dim` buckets (sparse random projection); gaussian: dense "
@@ -51,10 +51,13 @@ class IndexConfig:
             "`exact_fraction`·dim coordinates kept, the rest count-sketched"
         },
     )
-    dim: int = field(default=4096, metadata={"help": "values per index vector"})
+    dim: int = field(default=32768, metadata={"help": "values per index vector"})
     storage: str = field(
-        default="int8",
-        metadata={"help": "fp32, fp16, or int8 (symmetric, one scale per dimension)"},
+        default="int4",
+        metadata={
+            "help": "fp32, fp16, int8 or int4 (symmetric integers, one scale per dimension; "
+            "int4 packs two values per byte)"
+        },
     )
     rank_by: str = field(
         default="energy",
@@ -71,7 +74,7 @@ class IndexConfig:
         default=128,
         metadata={
             "help": "first examples of the build order used to rank coordinates (energy) "
-            "and to set int8 scales"
+            "and to set the int8/int4 scales"
         },
     )
     shard_size: int = field(default=1024, metadata={"help": "examples per shard file"})
@@ -88,7 +91,7 @@ class IndexConfig:
     hnsw_neighbors: int = field(default=32, metadata={"help": "hnsw: graph degree M"})
     hnsw_ef_search: int = field(default=128, metadata={"help": "hnsw: search breadth"})
     exact_rerank: int = field(
-        default=0,
+        default=20,
         metadata={
             "help": "default candidates per query and sign re-scored exactly at query time "
             "(0: none); `score(..., exact_rerank=C)` overrides"
@@ -124,11 +127,11 @@ class IndexConfig:
     def needs_calibration(self) -> bool:
         """Whether building needs a first pass over the calibration examples."""
         ranked = self.compression in ("truncate", "hybrid") and self.rank_by == "energy"
-        return ranked or self.storage == "int8"
+        return ranked or self.storage in ("int8", "int4")
 
-    @property
-    def bytes_per_value(self) -> int:
-        return BYTES_PER_VALUE[self.storage]
+    def bytes_per_example(self, dim: int) -> int:
+        """Stored bytes of one index vector of `dim` values."""
+        return (dim * BITS_PER_VALUE[self.storage] + 7) // 8
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

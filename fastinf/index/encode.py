@@ -1,4 +1,4 @@
-"""Gradients → index vectors (eigenbasis, W^½, compression) → stored values (fp32/fp16/int8).
+"""Gradients → index vectors (eigenbasis, W^½, compression) → stored values (fp32 … int4).
 
 Train side: v_n = c(W^½ ∘ Q_Sᵀ ∇ℓ_n Q_A) per layer; query side: the same map applied to
 ∇m_q, so that ⟨v_q, v_n⟩ ≈ τ(q, n) (DESIGN §1, last identity). A cached preconditioned
@@ -99,50 +99,63 @@ class VectorEncoder:
         return self.compress(self.project(grads), preconditioned=preconditioned)
 
 
-INT8_LIMIT = 127
-STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
+STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8, "int4": np.uint8}
+INTEGER_LIMITS = {"int8": 127, "int4": 7}
 
 
 class Quantizer:
-    """Stored values of index vectors, and the matching transform of query vectors.
+    """Stored values of index vectors, and what the search sees of them.
 
-    fp32/fp16: stored = v. int8: stored = round(v / s) clipped to ±127 with one scale s_j per
-    dimension (from the calibration vectors' largest |v_j|); the search sees stored × s, so
-    ⟨q, stored × s⟩ ≈ ⟨q, v⟩.
+    fp32/fp16: stored = v. int8/int4: stored = round(v / s) clipped to ±L (L = 127 / 7) with
+    one scale s_j per dimension (the calibration vectors' largest |v_j| / L); int4 packs two
+    values per byte (value + 8 in each nibble, even positions in the low nibble; an odd
+    vector is padded with one 0). The search
+    sees stored × s, so ⟨q, stored × s⟩ ≈ ⟨q, v⟩; the sketch noise of the compressions is far
+    above this rounding (`bench/index_recall.py` measures both).
     """
 
     def __init__(self, storage: str, scale: Tensor | None = None):
-        if storage == "int8" and scale is None:
-            raise ValueError("int8 storage needs per-dimension scales (from calibration).")
+        if storage in INTEGER_LIMITS and scale is None:
+            raise ValueError(f"{storage} storage needs per-dimension scales (from calibration).")
         self.storage = storage
         self.scale = None if scale is None else scale.float()
 
     @classmethod
     def calibrate(cls, config: IndexConfig, vectors: Tensor) -> Quantizer:
-        """Per-dimension scales from calibration vectors [M, dim] (int8); none otherwise."""
-        if config.storage != "int8":
+        """Per-dimension scales from calibration vectors [M, dim] (integer storage)."""
+        if config.storage not in INTEGER_LIMITS:
             return cls(config.storage)
         largest = vectors.abs().amax(0).float()
         floor = float(largest.max()) * 1e-6 + 1e-30
-        return cls("int8", largest.clamp_min(floor) / INT8_LIMIT)
+        return cls(config.storage, largest.clamp_min(floor) / INTEGER_LIMITS[config.storage])
 
     @property
     def dtype(self):
         return STORAGE_DTYPES[self.storage]
 
+    def width(self, dim: int) -> int:
+        """Stored columns of a `dim`-value vector."""
+        return (dim + 1) // 2 if self.storage == "int4" else dim
+
     def store(self, vectors: Tensor) -> np.ndarray:
-        """[B, dim] float vectors → stored values (numpy, the storage dtype)."""
+        """[B, dim] float vectors → stored values [B, width(dim)] (numpy, storage dtype)."""
         values = vectors.detach().float().cpu()
-        if self.storage == "int8":
-            codes = torch.round(values / self.scale).clamp_(-INT8_LIMIT, INT8_LIMIT)
-            return codes.to(torch.int8).numpy()
+        if self.storage in INTEGER_LIMITS:
+            limit = INTEGER_LIMITS[self.storage]
+            codes = torch.round(values / self.scale).clamp_(-limit, limit).to(torch.int8)
+            if self.storage == "int8":
+                return codes.numpy()
+            nibbles = (codes + 8).to(torch.uint8)
+            if nibbles.shape[1] % 2:
+                nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=8)
+            return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).numpy()
         with np.errstate(over="ignore"):
             array = values.numpy().astype(self.dtype)
         if not np.isfinite(array).all():
             largest = float(values.abs().max())
             raise ValueError(
                 f"index vectors overflow {self.storage} (|v| up to {largest:.3g}); "
-                "use storage='fp32' or 'int8'."
+                "use storage='fp32', 'int8' or 'int4'."
             )
         return array
 
@@ -151,7 +164,13 @@ class Quantizer:
         return np.ascontiguousarray(vectors.detach().cpu().float().numpy())
 
     def values(self, stored: np.ndarray) -> np.ndarray:
-        """Stored values → float32 as the search sees them (int8: code × scale)."""
+        """Stored values → [rows, dim] float32 as the search sees them (integers: code × s)."""
+        if self.storage == "int4":
+            packed = np.asarray(stored)
+            codes = np.empty((packed.shape[0], 2 * packed.shape[1]), dtype=np.float32)
+            codes[:, 0::2] = (packed & 0x0F).astype(np.float32) - 8
+            codes[:, 1::2] = (packed >> 4).astype(np.float32) - 8
+            return codes[:, : self.scale.numel()] * self.scale.numpy()[None, :]
         values = np.array(stored, dtype=np.float32, order="C")
         if self.scale is not None:
             values *= self.scale.numpy()[None, :]
@@ -161,4 +180,4 @@ class Quantizer:
         return None if self.scale is None else self.scale.numpy()
 
     def tensors(self) -> dict[str, Tensor]:
-        return {} if self.scale is None else {"int8_scale": self.scale}
+        return {} if self.scale is None else {"scale": self.scale}

@@ -12,15 +12,17 @@ answer).
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..artifacts import ArtifactMismatchError, check_provenance
 from ..scoring import InfluenceResult, QueryCache, TopK
-from .build import GRADIENT_FIELDS, _flatten, index_identity, load_encoder
+from .build import GRADIENT_FIELDS, _flatten, _rank_world, index_identity, load_encoder
 from .config import IndexConfig
 from .search import SearchIndex
 from .store import BuildPlan, IndexStore
@@ -28,32 +30,72 @@ from .store import BuildPlan, IndexStore
 __all__ = ["TrainingIndex"]
 
 
+def _merge_ranks(scores: Tensor, indices: Tensor, k: int, world: int) -> tuple[Tensor, Tensor]:
+    """The k largest scores (ties: lower dataset index first) over every rank's top-k."""
+    missing = indices < 0
+    scores = scores.masked_fill(missing, -math.inf)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (scores, indices))
+    scores = torch.cat([part[0] for part in gathered], dim=1)
+    indices = torch.cat([part[1] for part in gathered], dim=1)
+    by_index = torch.argsort(indices, dim=1, stable=True)
+    scores, indices = scores.gather(1, by_index), indices.gather(1, by_index)
+    by_score = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    return scores.gather(1, by_score), indices.gather(1, by_score)
+
+
 class TrainingIndex:
     """The stored index vectors of a training set and a faiss structure to search them.
 
     Row r of the index is training example `order[r]`. Scores are ⟨query vector, stored
     vector⟩ ≈ τ(q, n) (exact for `compression="exact"`, fp32); τ > 0: proponent.
+    Loaded `sharded` under torch.distributed, rank r holds shards r, r + W, … and every
+    search is merged across ranks (all ranks must search the same queries).
     """
 
-    def __init__(self, store: IndexStore, manifest: dict, engine, *, verify: bool = True):
+    def __init__(
+        self,
+        store: IndexStore,
+        manifest: dict,
+        engine,
+        *,
+        verify: bool = True,
+        sharded: bool = False,
+    ):
         self.store = store
         self.manifest = manifest
         self.config = IndexConfig(**manifest["config"])
         self.order = torch.from_numpy(store.read_order(manifest["plan"]["order_sha256"]).copy())
         self.encoder, self.quantizer = load_encoder(store, engine, manifest)
-        self.shards = [store.open_shard(record, verify=verify) for record in manifest["shards"]]
+        records = manifest["shards"]
+        self.rank, self.world = _rank_world() if sharded else (0, 1)
+        if self.world > 1:
+            if self.config.search != "flat":
+                raise ValueError(
+                    f"a sharded search needs search='flat' (this index is {self.config.search!r});"
+                    " load it unsharded."
+                )
+            records = [r for r in records if r["shard"] % self.world == self.rank]
+        self.rows = torch.cat([torch.arange(r["start"], r["stop"]) for r in records])
+        self.shards = [store.open_shard(record, verify=verify) for record in records]
         if self.config.search == "flat":
             batches = (self.quantizer.values(values) for values in self.shards)
             self.search_index = SearchIndex.build(
-                self.config, self.dim, self.num_examples, batches, self.quantizer.scale_array()
+                self.config, self.dim, len(self.rows), batches, self.quantizer.scale_array()
             )
         else:
             path = store.check_search(manifest["search_sha256"])
             self.search_index = SearchIndex.read(path, self.config)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, engine, *, verify: bool = True) -> TrainingIndex:
+    def load(
+        cls, directory: str | os.PathLike, engine, *, verify: bool = True, sharded: bool = False
+    ) -> TrainingIndex:
         """Open a complete index for `engine` (which must hold the index's curvature).
+
+        Args:
+            verify: check every shard's checksum (reads the whole index once).
+            sharded: under torch.distributed, hold only this rank's shards (see class doc).
 
         Raises:
             FileNotFoundError: no index in `directory`.
@@ -89,7 +131,7 @@ class TrainingIndex:
             _flatten(recorded),
             _flatten({k: expected[k] for k in sections}),
         )
-        return cls(store, manifest, engine, verify=verify)
+        return cls(store, manifest, engine, verify=verify, sharded=sharded)
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -102,10 +144,10 @@ class TrainingIndex:
 
     @property
     def bytes_per_example(self) -> int:
-        return self.dim * self.config.bytes_per_value
+        return self.config.bytes_per_example(self.dim)
 
     def vectors(self) -> np.ndarray:
-        """Every stored value [N, dim] in row order (the storage dtype)."""
+        """The stored values [rows, dim] held here (all N unless sharded), in row order."""
         return np.concatenate([np.asarray(values) for values in self.shards])
 
     # -- queries ---------------------------------------------------------------------------
@@ -153,8 +195,11 @@ class TrainingIndex:
         for sign in (1.0, -1.0):
             scores, rows = self.search_index.search(sign * queries, k)
             rows_t = torch.from_numpy(rows.astype(np.int64))
-            indices = torch.where(rows_t >= 0, self.order[rows_t.clamp_min(0)], -1)
-            found.append(TopK(indices, sign * torch.from_numpy(scores).double()))
+            indices = torch.where(rows_t >= 0, self.order[self.rows[rows_t.clamp_min(0)]], -1)
+            scores_t = torch.from_numpy(scores).double()
+            if self.world > 1:
+                scores_t, indices = _merge_ranks(scores_t, indices, k, self.world)
+            found.append(TopK(indices, sign * scores_t))
         return found[0], found[1]
 
     def scores(self, vectors: Tensor) -> Tensor:
@@ -164,7 +209,15 @@ class TrainingIndex:
             queries @ torch.from_numpy(self.quantizer.values(values)).double().T
             for values in self.shards
         ]
-        return torch.cat(parts, dim=1)
+        local = torch.cat(parts, dim=1)
+        if self.world == 1:
+            return local
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (self.rows, local))
+        full = local.new_empty(local.shape[0], self.num_examples)
+        for rows, columns in gathered:
+            full[:, rows] = columns
+        return full
 
     def topk(
         self,

@@ -1,9 +1,9 @@
 """faiss structures over the stored vectors: maximum inner product search (DESIGN §4).
 
-`flat` is exact: IndexFlatIP for fp32, IndexScalarQuantizer for fp16 (QT_fp16) and int8
-(QT_8bit with its per-dimension range pinned to the index's scales, so that faiss's code
-is the stored integer itself and decodes to exactly code × scale; faiss's "direct" int8
-codecs would round the query to integers too). The search returns the largest
+`flat` is exact: IndexFlatIP for fp32, IndexScalarQuantizer for fp16 (QT_fp16) and
+int8/int4 (QT_8bit/QT_4bit with the per-dimension range pinned to the index's scales, so
+that faiss's code is the stored integer itself and decodes to exactly code × scale;
+faiss's "direct" int8 codec would round the query to integers too). The search returns the largest
 ⟨query, stored value⟩ exactly. `ivf`, `ivfpq` and `hnsw` are
 approximate structures for very large N (their recall against flat is measured, never
 assumed). Proponents are the largest inner products; opponents the largest with the
@@ -25,6 +25,7 @@ __all__ = ["SearchIndex"]
 _QTYPES = {
     "fp16": faiss.ScalarQuantizer.QT_fp16,
     "int8": faiss.ScalarQuantizer.QT_8bit,
+    "int4": faiss.ScalarQuantizer.QT_4bit,
 }
 _TRAIN_PER_LIST = 64  # training vectors per IVF list (faiss warns below 39)
 _MAX_TRAIN = 262_144
@@ -65,17 +66,23 @@ def _make(config: IndexConfig, dim: int, num_examples: int):
         index = faiss.IndexIVFFlat(coarse, dim, nlist, ip)
     else:
         index = faiss.IndexIVFScalarQuantizer(coarse, dim, nlist, _QTYPES[config.storage], ip)
-        # Store the vectors themselves, not residuals to their centroid: int8 codes stay exact.
+        # Store the vectors themselves, not residuals to their centroid: codes stay exact.
         index.by_residual = False
     # faiss's Python constructors keep `coarse` alive as long as `index`.
     index.nprobe = min(config.nprobe, nlist)
     return index
 
 
-def _pin_int8_ranges(index, scale: np.ndarray) -> None:
-    """Make QT_8bit decode code c to (c − 128)·scale_j: vmin = −128.5·s, vdiff = 255·s."""
+# faiss decodes code c of a b-bit range as vmin + (c + ½)·vdiff/(2^b − 1); with these
+# (vmin, vdiff) in units of the scale, code c = stored + offset decodes to stored × scale.
+_PINNED_RANGES = {"int8": (-128.5, 255.0), "int4": (-7.5, 15.0)}
+
+
+def _pin_ranges(index, storage: str, scale: np.ndarray) -> None:
+    """Make faiss's scalar quantizer store and decode exactly the index's integers."""
     holder = faiss.downcast_index(index.storage) if hasattr(index, "storage") else index
-    trained = np.concatenate([-128.5 * scale, 255.0 * scale]).astype(np.float32)
+    low, span = _PINNED_RANGES[storage]
+    trained = np.concatenate([low * scale, span * scale]).astype(np.float32)
     faiss.copy_array_to_vector(trained, holder.sq.trained)
     holder.is_trained = True
 
@@ -110,13 +117,14 @@ class SearchIndex:
         """Fill a new structure from float32 batches of stored values, in row order.
 
         Args:
-            batches: [rows, dim] float32 values (int8 storage: code × scale).
-            scale: int8 storage: the per-dimension scales [dim].
+            batches: [rows, dim] float32 values (integer storage: code × scale).
+            scale: integer storage: the per-dimension scales [dim].
         Approximate structures are trained on the first rows (up to 64 per IVF list).
         """
         index = _make(config, dim, num_examples)
-        if config.storage == "int8" and config.search == "flat":
-            _pin_int8_ranges(index, scale)
+        pinned = config.storage in _PINNED_RANGES and config.search != "ivfpq"
+        if pinned and config.search == "flat":
+            _pin_ranges(index, config.storage, scale)
         pending: list[np.ndarray] = []
         if not index.is_trained:
             wanted = min(num_examples, _MAX_TRAIN, _TRAIN_PER_LIST * _nlist(config, num_examples))
@@ -129,8 +137,8 @@ class SearchIndex:
                 if held >= wanted:
                     break
             index.train(np.concatenate(pending)[:wanted])
-            if config.storage == "int8" and config.search != "ivfpq":
-                _pin_int8_ranges(index, scale)
+            if pinned:
+                _pin_ranges(index, config.storage, scale)
         for batch in pending:
             index.add(batch)
         for batch in batches:

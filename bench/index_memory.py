@@ -1,0 +1,99 @@
+"""Peak memory of an index build at two training-set sizes: it must not grow with N.
+
+Run from the repository root (not collected by pytest; ~3 min on a 2-core CPU):
+
+    .venv/bin/python bench/index_memory.py
+
+Each size is built in a fresh subprocess (the default `IndexConfig`, the digits DDPM and
+EK-FAC of `default_engine()`, the first N digits via `indices=`), which reports its peak
+resident memory (VmHWM of /proc/self/status) before the build (model, data and curvature
+loaded) and after it. The build streams blocks of `ScoreConfig.block_size` examples into
+fixed-size shards, so the growth during the build should be the same at both sizes; the
+stored index itself (N × bytes per example) is on disk, memory-mapped when loaded. Rows go
+to `bench/results/index_memory_<device>.csv` and the summary to `index_memory_<device>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+from index_common import RESULTS_DIR, append_rows, environment, markdown_table
+
+SIZES = (256, 1024)
+
+
+def _peak_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child(size: int, directory: str) -> None:
+    from fastinf.engine import default_engine
+    from fastinf.index import IndexConfig
+
+    engine = default_engine()
+    before = _peak_mib()
+    start = time.perf_counter()
+    index = engine.build_index(directory, IndexConfig(), indices=list(range(size)))
+    seconds = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "N": size,
+                "peak_before_mib": round(before, 1),
+                "peak_after_mib": round(_peak_mib(), 1),
+                "build_seconds": round(seconds, 1),
+                "bytes_per_example": index.bytes_per_example,
+                "dim": index.dim,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.dir)
+        return
+    env = environment()
+    rows = []
+    for size in SIZES:
+        with tempfile.TemporaryDirectory() as directory:
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", str(size), "--dir", directory],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        measured["growth_mib"] = round(measured["peak_after_mib"] - measured["peak_before_mib"], 1)
+        rows.append({**env, **measured})
+        print(measured, flush=True)
+    append_rows(RESULTS_DIR / f"index_memory_{env['device']}.csv", rows)
+    columns = ["N", "dim", "bytes_per_example", "build_seconds"]
+    columns += ["peak_before_mib", "peak_after_mib", "growth_mib"]
+    text = [
+        "# Index build peak memory at two training-set sizes (digits)",
+        "",
+        f"Run {env['run']}, commit {env['git_commit']}, {env['device']}, load before "
+        f"{env['load_before']}. Command: `.venv/bin/python bench/index_memory.py`. Peak RSS "
+        "(VmHWM) of a fresh process before the build (model, data, curvature loaded) and after.",
+        "",
+        markdown_table(rows, columns),
+    ]
+    (RESULTS_DIR / f"index_memory_{env['device']}.md").write_text("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()
