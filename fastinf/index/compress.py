@@ -22,6 +22,7 @@ the layout, the config, the sketch seed and (truncate/hybrid) the ranking of coo
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -165,7 +166,10 @@ class Compressor:
         return []
 
     def fingerprint(self) -> str:
-        return tensor_fingerprint(torch.cat([t.flatten().double() for t in self.random_tensors()]))
+        digest = hashlib.sha256()
+        for tensor in self.random_tensors():
+            digest.update(tensor_fingerprint(tensor).encode())
+        return digest.hexdigest()[:16]
 
 
 class ExactCompressor(Compressor):
