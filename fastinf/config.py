@@ -93,7 +93,7 @@ class ScoreConfig:
     """How gradients are estimated, damped and scored (DESIGN §1 Score, §2 steps 2–3)."""
 
     train_draws: int = field(default=32, metadata={"help": "K: draws per train gradient"})
-    query_draws: int = field(default=64, metadata={"help": "K_q: draws per query gradient"})
+    query_draws: int = field(default=128, metadata={"help": "K_q: draws per query gradient"})
     measurement: str = field(
         default="loss",
         metadata={"help": "query measurement: loss, timestep_loss, elbo_simplified, square_norm"},
@@ -103,9 +103,12 @@ class ScoreConfig:
     train_objective: str = field(
         default="loss", metadata={"help": "'loss' or 'square_norm' (D-TRAK)"}
     )
-    damping: float = field(default=1e-8, metadata={"help": "λ in W = 1/(Λ + λ)"})
+    damping: float = field(
+        default=1e-4,
+        metadata={"help": "λ in W = 1/(Λ + λ); the default is chosen by LDS (README)"},
+    )
     damping_mode: str = field(
-        default="absolute",
+        default="relative",
         metadata={"help": "'absolute': λ as given; 'relative': λ = damping · mean(Λ) per block"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the gradient draws"})

@@ -85,10 +85,10 @@ class Method:
 
     name: str
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
-    damping: float = 1e-8
-    damping_mode: str = "absolute"
-    train_draws: int = 32
-    query_draws: int = 64
+    damping: float = ScoreConfig.damping
+    damping_mode: str = ScoreConfig.damping_mode
+    train_draws: int = ScoreConfig.train_draws
+    query_draws: int = ScoreConfig.query_draws
     measurement: str = "loss"
     train_objective: str = "loss"
 
@@ -331,10 +331,11 @@ class LDSRun:
             jobs.append(random_job)
             for query in range(config.counterfactual_queries):
                 top = scores[query].argsort(descending=True)[:removed]
+                kept = everyone[~torch.isin(everyone, top)]
+                # Named by the kept set, so methods that agree on the top share the model.
+                digest = self._job("", kept, 0).kept_digest()[:8]
                 job = self._job(
-                    f"without_top_{percent:g}pct_q{query:02d}_{method.key()[:8]}",
-                    everyone[~torch.isin(everyone, top)],
-                    config.train_seed,
+                    f"without_top_{percent:g}pct_q{query:02d}_{digest}", kept, config.train_seed
                 )
                 jobs.append(job)
                 plan.append((query, percent, job, random_job))
@@ -370,14 +371,4 @@ def _result_columns(result: LDSResult, num_subsets: int) -> dict:
 
 def default_methods() -> list[Method]:
     """The configuration under test: EK-FAC with the engine's defaults."""
-    defaults = ScoreConfig()
-    return [
-        Method(
-            "EK-FAC",
-            CurvatureConfig(),
-            damping=defaults.damping,
-            damping_mode=defaults.damping_mode,
-            train_draws=defaults.train_draws,
-            query_draws=defaults.query_draws,
-        )
-    ]
+    return [Method("EK-FAC")]

@@ -25,7 +25,7 @@ def engine():
         TinyConvEps(channels=2).double(),
         NoiseSchedule.linear(50),
         random_dataset(NUM_TRAIN, (2, 5, 5)),
-        config=ScoreConfig(train_draws=3, query_draws=2, damping=0.1),
+        config=ScoreConfig(train_draws=3, query_draws=2, damping=0.1, damping_mode="absolute"),
     )
 
 

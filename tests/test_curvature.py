@@ -135,7 +135,7 @@ def test_one_linear_layer_influence_equals_exact_damped_ggn(strategy, noiseless)
     data = random_dataset(7, (1, 2, 2), seed=4)
     queries = random_dataset(3, (1, 2, 2), seed=5).images
     curvature_cfg = CurvatureConfig(strategy=strategy, mc="exact", factor_draws=3, eigval_draws=2)
-    score_cfg = ScoreConfig(train_draws=4, query_draws=5, damping=1e-3)
+    score_cfg = ScoreConfig(train_draws=4, query_draws=5, damping=1e-3, damping_mode="absolute")
     engine = InfluenceEngine(model, schedule, data, config=score_cfg)
     engine.fit(curvature_cfg)
     result = engine.score(queries, k=3, return_scores=True)

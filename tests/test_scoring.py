@@ -12,7 +12,13 @@ from fastinf.engine import InfluenceEngine
 from tiny import TinyConvEps, random_dataset
 
 BASE = ScoreConfig(
-    train_draws=3, query_draws=4, damping=1e-3, block_size=4, batch_size=64, query_batch_size=8
+    train_draws=3,
+    query_draws=4,
+    damping=1e-3,
+    damping_mode="absolute",
+    block_size=4,
+    batch_size=64,
+    query_batch_size=8,
 )
 
 
@@ -38,7 +44,8 @@ def scores_with(engine, queries, **changes):
 def test_scores_match_dense_per_example_contraction(fitted):
     engine, queries = fitted
     result = scores_with(engine, queries)
-    pre = engine.curvature.precondition(engine.query_gradients(queries), BASE.damping)
+    grads = engine.query_gradients(queries)
+    pre = engine.curvature.precondition(grads, BASE.damping, BASE.damping_mode)
     train = engine.train_gradients(list(range(len(engine.train_set))))
     expected = sum(
         pre[name][0].flatten(1) @ train[name][0].flatten(1).T
