@@ -42,14 +42,18 @@ def child(size: int, directory: str) -> None:
     engine = default_engine()
     before = _peak_mib()
     start = time.perf_counter()
-    index = engine.build_index(directory, IndexConfig(), indices=list(range(size)))
+    config = IndexConfig()
+    engine.build_index(directory, config, indices=list(range(size)), load=False)
     seconds = time.perf_counter() - start
+    after_build = _peak_mib()
+    index = engine.load_index(directory)
     print(
         json.dumps(
             {
                 "N": size,
                 "peak_before_mib": round(before, 1),
-                "peak_after_mib": round(_peak_mib(), 1),
+                "peak_after_build_mib": round(after_build, 1),
+                "peak_after_load_mib": round(_peak_mib(), 1),
                 "build_seconds": round(seconds, 1),
                 "bytes_per_example": index.bytes_per_example,
                 "dim": index.dim,
@@ -77,18 +81,22 @@ def main() -> None:
                 check=True,
             )
         measured = json.loads(done.stdout.strip().splitlines()[-1])
-        measured["growth_mib"] = round(measured["peak_after_mib"] - measured["peak_before_mib"], 1)
+        before = measured["peak_before_mib"]
+        measured["build_growth_mib"] = round(measured["peak_after_build_mib"] - before, 1)
         rows.append({**env, **measured})
         print(measured, flush=True)
     append_rows(RESULTS_DIR / f"index_memory_{env['device']}.csv", rows)
     columns = ["N", "dim", "bytes_per_example", "build_seconds"]
-    columns += ["peak_before_mib", "peak_after_mib", "growth_mib"]
+    columns += ["peak_before_mib", "peak_after_build_mib", "build_growth_mib"]
+    columns += ["peak_after_load_mib"]
     text = [
         "# Index build peak memory at two training-set sizes (digits)",
         "",
         f"Run {env['run']}, commit {env['git_commit']}, {env['device']}, load before "
         f"{env['load_before']}. Command: `.venv/bin/python bench/index_memory.py`. Peak RSS "
-        "(VmHWM) of a fresh process before the build (model, data, curvature loaded) and after.",
+        "(VmHWM) of a fresh process before the build (model, data, curvature loaded), after "
+        "`build_index(..., load=False)`, and after `load_index` (which assembles the in-memory "
+        "search structure, N × bytes per example).",
         "",
         markdown_table(rows, columns),
     ]

@@ -36,13 +36,20 @@ import matplotlib.pyplot as plt
 import torch
 from index_common import RESULTS_DIR, append_rows, environment, markdown_table, recall_at_k
 
+from fastinf.config import ScoreConfig
 from fastinf.engine import default_engine
 from fastinf.index.compress import CoordinateLayout, damped_ratio, make_compressor
 from fastinf.index.config import IndexConfig
 from fastinf.index.encode import Quantizer, VectorEncoder
 from fastinf.sampling import sample_ddpm
 
-DAMPINGS = (("absolute", 1e-8), ("relative", 0.1))
+# The engine's default damping first (the check against `engine.score` uses it), then the
+# paper's absolute 1e-8 and a relative 0.1, without repeats.
+DAMPINGS = tuple(
+    dict.fromkeys(
+        ((ScoreConfig.damping_mode, ScoreConfig.damping), ("absolute", 1e-8), ("relative", 0.1))
+    )
+)
 DIMS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 TRUNCATE_DIMS = DIMS[:-1]  # truncate/hybrid trail countsketch at every size below
 GAUSSIAN_DIMS = (256, 512, 1024, 2048)  # dense sketches beyond cost minutes per block
@@ -209,11 +216,15 @@ def latest_rows() -> list[dict]:
     return [row for row in rows if row["run"] == last]
 
 
-def _best_by_compression(rows, damping_mode):
+def _damping(row) -> tuple[str, float]:
+    return (row["damping_mode"], row["damping"])
+
+
+def _best_by_compression(rows, damping):
     """Per compression, its row of highest min(recall) within 16 KB."""
     best = {}
     for row in rows:
-        if row["damping_mode"] != damping_mode or row["bytes_per_example"] > BUDGET:
+        if _damping(row) != damping or row["bytes_per_example"] > BUDGET:
             continue
         score = min(row["recall_proponents"], row["recall_opponents"])
         if score > best.get(row["compression"], (-1.0, None))[0]:
@@ -236,12 +247,12 @@ def write_summary(rows, env, error, seconds) -> None:
         "`index_recall_cpu.png`). `rerank20`/`rerank50`: recall after an exact re-rank of "
         "the index's top-20/50 candidates per sign (share of the exact top-10 among them).",
     ]
-    for mode, value in DAMPINGS:
+    for mode, value in _dampings(rows):
         text += [
             "",
             f"## Damping {mode} {value:g}: best storage and size of each compression, ≤ 16 KB",
             "",
-            markdown_table(_best_by_compression(rows, mode), columns),
+            markdown_table(_best_by_compression(rows, (mode, value)), columns),
             "",
             f"## Damping {mode} {value:g}: countsketch, int4, by size",
             "",
@@ -249,7 +260,7 @@ def write_summary(rows, env, error, seconds) -> None:
                 [
                     r
                     for r in rows
-                    if r["damping_mode"] == mode
+                    if _damping(r) == (mode, value)
                     and r["compression"] == "countsketch"
                     and r["storage"] == "int4"
                 ],
@@ -260,18 +271,25 @@ def write_summary(rows, env, error, seconds) -> None:
     path.write_text("\n".join(text) + "\n")
 
 
-def _curve(ax, rows, mode, select, key, **style) -> None:
+def _dampings(rows) -> list[tuple[str, float]]:
+    return list(dict.fromkeys(_damping(r) for r in rows))
+
+
+def _curve(ax, rows, damping, select, key, **style) -> None:
     points = sorted(
-        (r["bytes_per_example"], r[key]) for r in rows if r["damping_mode"] == mode and select(r)
+        (r["bytes_per_example"], r[key]) for r in rows if _damping(r) == damping and select(r)
     )
     if points:
         ax.plot(*zip(*points, strict=True), **style)
 
 
 def plot(rows, env) -> None:
-    figure, axes = plt.subplots(2, 2, figsize=(12, 9), sharex=True, sharey=True)
+    dampings = _dampings(rows)
+    figure, axes = plt.subplots(
+        2, len(dampings), figsize=(6 * len(dampings), 9), sharex=True, sharey=True
+    )
     labels = sorted({r["compression"] for r in rows})
-    for col, (mode, value) in enumerate(DAMPINGS):
+    for col, (mode, value) in enumerate(dampings):
         for row_i, sign in enumerate(("proponents", "opponents")):
             ax = axes[row_i][col]
 
@@ -279,7 +297,7 @@ def plot(rows, env) -> None:
                 _curve(
                     ax,
                     rows,
-                    mode,
+                    (mode, value),
                     lambda r, label=label: r["compression"] == label and r["storage"] == "int4",
                     f"recall_{sign}",
                     marker="o",
@@ -290,7 +308,7 @@ def plot(rows, env) -> None:
                 _curve(
                     ax,
                     rows,
-                    mode,
+                    (mode, value),
                     lambda r, storage=storage: (
                         r["compression"] == "countsketch" and r["storage"] == storage
                     ),
@@ -304,7 +322,7 @@ def plot(rows, env) -> None:
             _curve(
                 ax,
                 rows,
-                mode,
+                (mode, value),
                 lambda r: r["compression"] == "countsketch" and r["storage"] == "int4",
                 f"recall_{sign}_rerank20",
                 marker="*",

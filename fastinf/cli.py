@@ -158,12 +158,13 @@ def _cmd_index(args) -> int:
         nprobe=args.nprobe,
     )
     start = time.perf_counter()
-    index = engine.build_index(args.out, config, overwrite=args.overwrite)
+    engine.build_index(args.out, config, overwrite=args.overwrite, load=False)
     if rank == 0:
+        manifest = json.loads((Path(args.out) / "index.json").read_text())
         print(
-            f"index of {index.num_examples} examples ({index.dim} {config.storage} values, "
-            f"{index.bytes_per_example} bytes each) built in {time.perf_counter() - start:.1f}s "
-            f"by {world} process(es) in {args.out}"
+            f"index of {manifest['plan']['num_examples']} examples ({manifest['dim']} "
+            f"{config.storage} values, {config.bytes_per_example(manifest['dim'])} bytes each) "
+            f"built in {time.perf_counter() - start:.1f}s by {world} process(es) in {args.out}"
         )
     return 0
 
@@ -293,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--out", required=True, help="index directory (resumed if it exists)")
     index.add_argument("--train-draws", type=int, default=ScoreConfig.train_draws)
     index.add_argument("--damping", type=float, default=ScoreConfig.damping)
-    index.add_argument("--damping-mode", choices=["absolute", "relative"], default="absolute")
+    index.add_argument(
+        "--damping-mode", choices=["absolute", "relative"], default=ScoreConfig.damping_mode
+    )
     index.add_argument("--block-size", type=int, default=ScoreConfig.block_size)
     index.add_argument("--compression", default=IndexConfig.compression, help="see IndexConfig")
     index.add_argument("--dim", type=int, default=IndexConfig.dim)

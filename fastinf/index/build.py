@@ -254,6 +254,7 @@ def build_index(
     *,
     indices: Sequence[int] | None = None,
     overwrite: bool = False,
+    load: bool = True,
 ):
     """Compute, compress and store the index vector of every training example (or `indices`).
 
@@ -263,7 +264,8 @@ def build_index(
     initialised `torch.distributed` process group, ranks split the shards.
 
     Returns:
-        the loaded `TrainingIndex`.
+        the loaded `TrainingIndex`, or None with `load=False` (then the build's memory is
+        O(block) whatever N: the search structure is only assembled when loading).
     """
     from .index import TrainingIndex
 
@@ -304,4 +306,4 @@ def build_index(
     if rank == 0:
         _finalize(store, store.read_manifest(), quantizer)
     _barrier()
-    return TrainingIndex.load(directory, engine, verify=False)
+    return TrainingIndex.load(directory, engine, verify=False) if load else None
