@@ -267,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     topk.add_argument("--query-draws", type=int, default=ScoreConfig.query_draws)
     topk.add_argument("--measurement", default="loss")
     topk.add_argument("--damping", type=float, default=ScoreConfig.damping)
-    topk.add_argument("--damping-mode", choices=["absolute", "relative"], default="absolute")
+    topk.add_argument(
+        "--damping-mode", choices=["absolute", "relative"], default=ScoreConfig.damping_mode
+    )
     topk.add_argument("--block-size", type=int, default=ScoreConfig.block_size)
     topk.add_argument("--seed", type=int, default=0, help="sampling seed for --generate")
     topk.add_argument("--out", help="write the JSON here instead of printing it")
