@@ -21,7 +21,14 @@ from fastinf.index.search import SearchIndex
 
 from tiny import TinyConvEps, random_dataset
 
-CONFIG = ScoreConfig(train_draws=3, query_draws=4, damping=1e-3, block_size=4, batch_size=64)
+CONFIG = ScoreConfig(
+    train_draws=3,
+    query_draws=4,
+    damping=1e-3,
+    damping_mode="absolute",
+    block_size=4,
+    batch_size=64,
+)
 EXACT = IndexConfig(compression="exact", storage="fp32", shard_size=4, exact_rerank=0)
 
 
