@@ -37,14 +37,17 @@ def environment() -> dict[str, object]:
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append long-format rows to a CSV (header written once; columns of the first row)."""
+    """Append long-format rows to a CSV; a new column rewrites the file with the union."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    old: list[dict] = []
+    if path.exists():
+        with open(path, newline="") as handle:
+            old = list(csv.DictReader(handle))
+    columns = list(dict.fromkeys(key for row in [*old, *rows] for key in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows([*old, *rows])
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

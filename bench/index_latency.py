@@ -3,7 +3,7 @@
 Run from the repository root (not collected by pytest; ~8 min on a 2-core CPU, plus the
 build when the index is not there yet):
 
-    .venv/bin/python bench/index_latency.py
+    .venv/bin/python bench/index_latency.py [--rebuild]
 
 Builds (or reuses) the default `IndexConfig` index of the 1,797 digits in `--dir` (default
 `.fastinf_cache/index_digits`; rebuilt when it was made for other engine settings), timing
@@ -20,18 +20,22 @@ the index) is reported beside its latency. Rows go to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
 
+import torch
 from index_common import RESULTS_DIR, append_rows, environment, markdown_table
 
 from fastinf.artifacts import ArtifactMismatchError
 from fastinf.engine import default_engine, topk_influencers
 from fastinf.index import IndexConfig
+from fastinf.index.search import SearchIndex
 from fastinf.sampling import sample_ddpm
 
-RERANKS = (0, 10, 20, 30)
+RERANKS = (0, 10, 15, 20, 30)
+IVF_LISTS = 42  # ≈ √N for the 1,797 digits
 TOP_K = 10
 
 
@@ -40,18 +44,59 @@ def _recall(found, truth) -> float:
     return sum(hits) / len(hits)
 
 
+def approximate_structures(index, vectors, truth_pro, truth_opp, base) -> list[dict]:
+    """Search-only recall and time of IVF and HNSW over the same stored digits vectors."""
+    values = index.quantizer.values(index.vectors())
+    scale = index.quantizer.scale_array()
+    queries = index.quantizer.query(vectors)
+    variants = [(f"ivf nlist={IVF_LISTS} nprobe={p}", "ivf", p) for p in (1, 4, 16)]
+    variants.append(("hnsw M=32 efSearch=128", "hnsw", 0))
+    rows = []
+    for label, search, nprobe in variants:
+        config = dataclasses.replace(
+            index.config, search=search, nlist=IVF_LISTS, nprobe=nprobe or 1
+        )
+        structure = SearchIndex.build(config, index.dim, index.num_examples, iter([values]), scale)
+        times, pro, opp = [], [], []
+        for row in range(queries.shape[0]):
+            tick = time.perf_counter()
+            pro_rows = structure.search(queries[row : row + 1], TOP_K)[1]
+            opp_rows = structure.search(-queries[row : row + 1], TOP_K)[1]
+            times.append(time.perf_counter() - tick)
+            pro += [int(index.order[r]) if r >= 0 else -1 for r in pro_rows[0]]
+            opp += [int(index.order[r]) if r >= 0 else -1 for r in opp_rows[0]]
+        rows.append(
+            {
+                **base,
+                "what": f"search only, {label}",
+                "seconds_median": statistics.median(times),
+                "repeats": len(times),
+                "recall_proponents": round(_recall(_split(pro), truth_pro), 4),
+                "recall_opponents": round(_recall(_split(opp), truth_opp), 4),
+            }
+        )
+    return rows
+
+
+def _split(flat: list[int]) -> list[list[int]]:
+    return [flat[i : i + TOP_K] for i in range(0, len(flat), TOP_K)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=".fastinf_cache/index_digits")
     parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--rebuild", action="store_true", help="build the index from scratch")
     args = parser.parse_args()
     env = environment()
     engine = default_engine()
     config = IndexConfig()
+    existed = (Path(args.dir) / "index.json").exists() and not args.rebuild
     start = time.perf_counter()
     try:
-        engine.build_index(Path(args.dir), config)
+        engine.build_index(Path(args.dir), config, overwrite=args.rebuild)
     except ArtifactMismatchError:  # built for other engine defaults: start again
+        existed = False
         engine.build_index(Path(args.dir), config, overwrite=True)
     build_seconds = time.perf_counter() - start
     index = engine.index
@@ -69,7 +114,8 @@ def main() -> None:
     base |= {"compression": config.compression, "bytes_per_example": index.bytes_per_example}
     base |= {"K": score.train_draws, "K_q": score.query_draws}
     base |= {"damping": score.damping, "damping_mode": score.damping_mode}
-    rows.append({**base, "what": "build", "seconds_median": build_seconds, "repeats": 1})
+    what = "reopen the existing index (checks, no rebuild)" if existed else "build the index"
+    rows.append({**base, "what": what, "seconds_median": build_seconds, "repeats": 1})
     topk_influencers(queries[:1], k=TOP_K, engine=engine)  # warm-up
     # Variants alternate query by query, so a change in machine load hits them all alike.
     times = {rerank: [] for rerank in RERANKS}
@@ -99,6 +145,7 @@ def main() -> None:
         )
         print(rows[-1]["what"], f"{rows[-1]['seconds_median'] * 1e3:.0f} ms", flush=True)
     parts = {"query gradient": [], "project + whiten + compress": [], "search (both signs)": []}
+    query_vectors = []
     for row in range(args.queries):
         query = queries[row : row + 1]
         tick = time.perf_counter()
@@ -108,6 +155,7 @@ def main() -> None:
         grads = {n: (w.double(), None if b is None else b.double()) for n, (w, b) in grads.items()}
         vectors = index.encoder.encode(grads)
         parts["project + whiten + compress"].append(time.perf_counter() - tick)
+        query_vectors.append(vectors)
         tick = time.perf_counter()
         index.search(vectors, TOP_K)
         parts["search (both signs)"].append(time.perf_counter() - tick)
@@ -121,6 +169,7 @@ def main() -> None:
                 "repeats": len(times),
             }
         )
+    rows += approximate_structures(index, torch.cat(query_vectors), truth_pro, truth_opp, base)
     append_rows(RESULTS_DIR / f"index_latency_{env['device']}.csv", rows)
     for row in rows:
         row["ms_median"] = round(1e3 * row["seconds_median"], 1)

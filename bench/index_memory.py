@@ -1,16 +1,18 @@
-"""Peak memory of an index build at two training-set sizes: it must not grow with N.
+"""Peak memory of an index build at three training-set sizes: it must not grow with N.
 
-Run from the repository root (not collected by pytest; ~3 min on a 2-core CPU):
+Run from the repository root (not collected by pytest; ~5 min on an idle 2-core CPU):
 
     .venv/bin/python bench/index_memory.py
 
-Each size is built in a fresh subprocess (the default `IndexConfig`, the digits DDPM and
-EK-FAC of `default_engine()`, the first N digits via `indices=`), which reports its peak
-resident memory (VmHWM of /proc/self/status) before the build (model, data and curvature
-loaded) and after it. The build streams blocks of `ScoreConfig.block_size` examples into
-fixed-size shards, so the growth during the build should be the same at both sizes; the
-stored index itself (N × bytes per example) is on disk, memory-mapped when loaded. Rows go
-to `bench/results/index_memory_<device>.csv` and the summary to `index_memory_<device>.md`.
+Each size is built in a fresh subprocess (the default `IndexConfig` but 256-example shards,
+so that every size spans several shards; the digits DDPM and EK-FAC of `default_engine()`;
+the first N digits via `indices=`, cycling through the 1,797 digits again beyond them),
+which reports its peak resident memory (VmHWM of /proc/self/status) before the build
+(model, data and curvature loaded) and after it. The build streams blocks of
+`ScoreConfig.block_size` examples into fixed-size shards, so the growth during the build
+should be the same at every size; the stored index itself (N × bytes per example) is on
+disk, memory-mapped when loaded. Rows go to `bench/results/index_memory_<device>.csv` and
+the summary to `index_memory_<device>.md`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import time
 
 from index_common import RESULTS_DIR, append_rows, environment, markdown_table
 
-SIZES = (256, 1024)
+SIZES = (512, 1536, 4608)
+SHARD_SIZE = 256  # both sizes span several shards: the shard buffer is the same
 
 
 def _peak_mib() -> float:
@@ -42,8 +45,9 @@ def child(size: int, directory: str) -> None:
     engine = default_engine()
     before = _peak_mib()
     start = time.perf_counter()
-    config = IndexConfig()
-    engine.build_index(directory, config, indices=list(range(size)), load=False)
+    config = IndexConfig(shard_size=SHARD_SIZE)
+    indices = [i % len(engine.train_set) for i in range(size)]
+    engine.build_index(directory, config, indices=indices, load=False)
     seconds = time.perf_counter() - start
     after_build = _peak_mib()
     index = engine.load_index(directory)
@@ -90,7 +94,7 @@ def main() -> None:
     columns += ["peak_before_mib", "peak_after_build_mib", "build_growth_mib"]
     columns += ["peak_after_load_mib"]
     text = [
-        "# Index build peak memory at two training-set sizes (digits)",
+        "# Index build peak memory at three training-set sizes (digits)",
         "",
         f"Run {env['run']}, commit {env['git_commit']}, {env['device']}, load before "
         f"{env['load_before']}. Command: `.venv/bin/python bench/index_memory.py`. Peak RSS "
