@@ -10,9 +10,11 @@ Builds (or reuses) the default `IndexConfig` index of the 1,797 digits in `--dir
 the build. Then, for 16 generated queries (`sample_ddpm`, seed 99, 50 steps — not the
 queries of `index_recall.py`), one query per call, it times `topk_influencers(query, k=10,
 engine=engine)` end to end (query gradient with the engine's K_q draws, projection,
-whitening, compression, both searches) without and with an exact re-rank of the top-C
-candidates (the variants alternate query by query), and splits the search-only call into
-its parts. Recall@10 of every variant against exact EK-FAC scores (`engine.score` without
+whitening, compression, both searches) without re-rank, with the bounded re-rank (only the
+candidates whose place in or out of the top-10 is uncertain at ± z standard deviations of
+the index error are re-scored; `rescored_mean` counts them) and with an exact re-rank of
+all top-C candidates (the variants alternate query by query), and splits the search-only
+call into its parts. Recall@10 of every variant against exact EK-FAC scores (`engine.score` without
 the index) is reported beside its latency. Rows go to
 `bench/results/index_latency_<device>.csv`, the summary to `index_latency_<device>.md`.
 """
@@ -28,13 +30,28 @@ from pathlib import Path
 import torch
 from index_common import RESULTS_DIR, append_rows, environment, markdown_table
 
+import fastinf.index.index as index_module
 from fastinf.artifacts import ArtifactMismatchError
 from fastinf.engine import default_engine, topk_influencers
 from fastinf.index import IndexConfig
 from fastinf.index.search import SearchIndex
 from fastinf.sampling import sample_ddpm
 
-RERANKS = (0, 10, 15, 20, 30)
+# (label, exact_rerank C, rerank_sigmas z): search only; the bounded re-rank (the default
+# and two wider bounds); re-scoring all top-C candidates.
+DEFAULT = IndexConfig()
+VARIANTS = (
+    (" (search only)", 0, 0.0),
+    (
+        f", bounded re-rank z = {DEFAULT.rerank_sigmas:g} (default), C ≤ {DEFAULT.exact_rerank}",
+        DEFAULT.exact_rerank,
+        DEFAULT.rerank_sigmas,
+    ),
+    (", bounded re-rank z = 1.5, C ≤ 32", 32, 1.5),
+    (", bounded re-rank z = 2, C ≤ 32", 32, 2.0),
+    (" + exact re-rank of all top-15", 15, 0.0),
+    (" + exact re-rank of all top-20", 20, 0.0),
+)
 IVF_LISTS = 42  # ≈ √N for the 1,797 digits
 TOP_K = 10
 
@@ -117,30 +134,49 @@ def main() -> None:
     what = "reopen the existing index (checks, no rebuild)" if existed else "build the index"
     rows.append({**base, "what": what, "seconds_median": build_seconds, "repeats": 1})
     topk_influencers(queries[:1], k=TOP_K, engine=engine)  # warm-up
+    rescored: list[int] = []
+    exact_call = index_module._ExactScores.__call__
+
+    def counted(self, examples):
+        rescored.append(len(examples))
+        return exact_call(self, examples)
+
+    index_module._ExactScores.__call__ = counted
     # Variants alternate query by query, so a change in machine load hits them all alike.
-    times = {rerank: [] for rerank in RERANKS}
-    found = {rerank: ([], []) for rerank in RERANKS}
+    times = {variant: [] for variant in VARIANTS}
+    found = {variant: ([], []) for variant in VARIANTS}
+    counts = {variant: [] for variant in VARIANTS}
     for row in range(args.queries):
-        for rerank in RERANKS:
+        for variant in VARIANTS:
+            _, rerank, sigmas = variant
+            rescored.clear()
             tick = time.perf_counter()
             result = topk_influencers(
-                queries[row : row + 1], k=TOP_K, engine=engine, exact_rerank=rerank
+                queries[row : row + 1],
+                k=TOP_K,
+                engine=engine,
+                exact_rerank=rerank,
+                rerank_sigmas=sigmas,
             )
-            times[rerank].append(time.perf_counter() - tick)
-            found[rerank][0].extend(result.proponents.indices.tolist())
-            found[rerank][1].extend(result.opponents.indices.tolist())
-    for rerank in RERANKS:
+            times[variant].append(time.perf_counter() - tick)
+            counts[variant].append(sum(rescored))
+            found[variant][0].extend(result.proponents.indices.tolist())
+            found[variant][1].extend(result.opponents.indices.tolist())
+    index_module._ExactScores.__call__ = exact_call
+    for variant in VARIANTS:
+        label, rerank, sigmas = variant
         rows.append(
             {
                 **base,
-                "what": "topk_influencers"
-                + (f" + exact re-rank of top-{rerank}" if rerank else ""),
+                "what": f"topk_influencers{label}",
                 "exact_rerank": rerank,
-                "seconds_median": statistics.median(times[rerank]),
-                "seconds_max": max(times[rerank]),
-                "repeats": len(times[rerank]),
-                "recall_proponents": round(_recall(found[rerank][0], truth_pro), 4),
-                "recall_opponents": round(_recall(found[rerank][1], truth_opp), 4),
+                "rerank_sigmas": sigmas,
+                "seconds_median": statistics.median(times[variant]),
+                "seconds_max": max(times[variant]),
+                "repeats": len(times[variant]),
+                "rescored_mean": statistics.mean(counts[variant]) if rerank else 0,
+                "recall_proponents": round(_recall(found[variant][0], truth_pro), 4),
+                "recall_opponents": round(_recall(found[variant][1], truth_opp), 4),
             }
         )
         print(rows[-1]["what"], f"{rows[-1]['seconds_median'] * 1e3:.0f} ms", flush=True)
@@ -173,7 +209,8 @@ def main() -> None:
     append_rows(RESULTS_DIR / f"index_latency_{env['device']}.csv", rows)
     for row in rows:
         row["ms_median"] = round(1e3 * row["seconds_median"], 1)
-    columns = ["what", "ms_median", "repeats", "recall_proponents", "recall_opponents"]
+    columns = ["what", "ms_median", "repeats", "rescored_mean", "recall_proponents"]
+    columns += ["recall_opponents"]
     text = [
         "# `topk_influencers` latency with the index (digits, 1,797 images, one query per call)",
         "",

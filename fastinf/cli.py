@@ -126,7 +126,11 @@ def _cmd_topk(args) -> int:
             None,
         )
     result = engine.score(
-        queries.to(engine.dtype), k=args.k, cond=cond, exact_rerank=args.exact_rerank
+        queries.to(engine.dtype),
+        k=args.k,
+        cond=cond,
+        exact_rerank=args.exact_rerank,
+        rerank_sigmas=args.rerank_sigmas,
     )
     if rank != 0:
         return 0
@@ -282,7 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--exact-rerank",
         type=int,
         default=None,
-        help="with --index: re-score each query's top-C candidates exactly",
+        help="with --index: the top-C candidates of each query and sign that may be re-scored "
+        "exactly (default: the index's)",
+    )
+    topk.add_argument(
+        "--rerank-sigmas",
+        type=float,
+        default=None,
+        help="with --index: re-score a candidate unless its place in or out of the top-k holds "
+        "at ± this many standard deviations of the index error (0: re-score all C; default: "
+        "the index's)",
     )
     topk.set_defaults(run=_cmd_topk)
 

@@ -237,6 +237,7 @@ class InfluenceEngine:
         indices: list[int] | None = None,
         return_scores: bool = False,
         exact_rerank: int | None = None,
+        rerank_sigmas: float | None = None,
     ) -> InfluenceResult:
         """Score every training example (or `indices`) against the queries; keep the top-k.
 
@@ -247,12 +248,18 @@ class InfluenceEngine:
 
         With an index loaded (`load_index`) and no `indices`, the index is searched instead
         (scores ≈ τ; `return_scores` gives the index scores in index row order);
-        `exact_rerank=C` re-scores every query's top-C candidates exactly
-        (`TrainingIndex.topk`).
+        `exact_rerank=C` re-scores the uncertain among every query's top-C candidates
+        exactly, `rerank_sigmas` sets how sure the rest must be (`TrainingIndex.topk`).
         """
         if self.index is not None and indices is None:
             return self.index.topk(
-                self, queries, k, cond=cond, exact_rerank=exact_rerank, return_scores=return_scores
+                self,
+                queries,
+                k,
+                cond=cond,
+                exact_rerank=exact_rerank,
+                rerank_sigmas=rerank_sigmas,
+                return_scores=return_scores,
             )
         cache = queries if isinstance(queries, QueryCache) else self.prepare_queries(queries, cond)
         if isinstance(queries, QueryCache):
@@ -441,6 +448,7 @@ def topk_influencers(
     cond=None,
     return_scores: bool = False,
     exact_rerank: int | None = None,
+    rerank_sigmas: float | None = None,
 ) -> InfluenceResult:
     """The k training examples that most raised (proponents) and most lowered (opponents)
     the likelihood of each query, by EK-FAC influence on the loss measurement.
@@ -451,10 +459,21 @@ def topk_influencers(
         engine: a loaded `InfluenceEngine`; None uses the embedded digits default.
         cond: class labels for a class-conditional model.
         return_scores: also return the full [Q, N] score matrix.
-        exact_rerank: with an index loaded on the engine, re-score the top-C candidates of
-            each query exactly (see `InfluenceEngine.score`).
+        exact_rerank: with an index loaded on the engine, the top-C candidates of each query
+            that may be re-scored exactly (see `InfluenceEngine.score`).
+        rerank_sigmas: with an index, how sure (in standard deviations of the index's
+            error) a candidate's place must be before it is left un-re-scored; 0: re-score
+            all C.
     Returns:
-        `InfluenceResult` with `proponents` / `opponents` (`TopK`: indices, scores [Q, k]).
+        `InfluenceResult` with `proponents` / `opponents` (`TopK`: indices, scores [Q, k],
+        and with an index which scores are exact).
     """
     engine = engine or default_engine()
-    return engine.score(query, k, cond=cond, return_scores=return_scores, exact_rerank=exact_rerank)
+    return engine.score(
+        query,
+        k,
+        cond=cond,
+        return_scores=return_scores,
+        exact_rerank=exact_rerank,
+        rerank_sigmas=rerank_sigmas,
+    )

@@ -120,14 +120,19 @@ class TopK:
     """Training indices [Q, k] (int64, dataset positions) and their scores [Q, k] per query.
 
     Proponents are sorted by descending score, opponents by ascending score. Entries past
-    the number of scored examples have index -1.
+    the number of scored examples have index -1. `exact` [Q, k] (bool) says which scores are
+    exact τ when some come from an index (None: all exact).
     """
 
     indices: Tensor
     scores: Tensor
+    exact: Tensor | None = None
 
     def to_lists(self) -> dict[str, list]:
-        return {"indices": self.indices.tolist(), "scores": self.scores.tolist()}
+        lists = {"indices": self.indices.tolist(), "scores": self.scores.tolist()}
+        if self.exact is not None:
+            lists["exact"] = self.exact.tolist()
+        return lists
 
 
 @dataclass(frozen=True)

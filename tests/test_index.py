@@ -17,7 +17,9 @@ from fastinf.engine import InfluenceEngine
 from fastinf.index import IndexConfig, TrainingIndex
 from fastinf.index.compress import CoordinateLayout, damped_ratio, make_compressor
 from fastinf.index.encode import Quantizer, VectorEncoder
+from fastinf.index.index import bounded_rerank
 from fastinf.index.search import SearchIndex
+from fastinf.scoring import TopK
 
 from tiny import TinyConvEps, random_dataset
 
@@ -113,13 +115,101 @@ def test_build_is_invariant_to_block_and_shard_size(engine, tmp_path, storage):
 
 def test_exact_rerank_of_every_candidate_is_the_exact_top_k(fitted, engine, tmp_path):
     _, queries, exact = fitted
-    engine.build_index(tmp_path, IndexConfig(compression="countsketch", dim=8, exact_rerank=9))
+    config = IndexConfig(compression="countsketch", dim=8, exact_rerank=9, rerank_sigmas=0.0)
+    engine.build_index(tmp_path, config)
     approximate = engine.score(queries, k=3, exact_rerank=0)
     reranked = engine.score(queries, k=3)  # the index's default: re-rank every candidate
     assert torch.equal(reranked.proponents.indices, exact.proponents.indices)
     assert torch.equal(reranked.opponents.indices, exact.opponents.indices)
     torch.testing.assert_close(reranked.proponents.scores, exact.proponents.scores)
     assert not torch.equal(approximate.proponents.scores, exact.proponents.scores)
+
+
+class _KnownScores:
+    """Stands in for the exact re-scoring: τ from a table, every call recorded."""
+
+    def __init__(self, exact):
+        self.exact, self.known, self.calls = exact, {}, []
+
+    def __call__(self, examples):
+        self.calls.append(list(examples))
+        for example in examples:
+            self.known[example] = self.exact[:, example]
+
+
+@pytest.mark.parametrize("batch", [1, 5, 1000])
+def test_bounded_rerank_is_the_exact_top_k_when_the_bounds_hold(batch):
+    """If every τ lies within ± z·σ of its index score, the lists are the exact top-k."""
+    generator = torch.Generator().manual_seed(0)
+    queries, examples, k, sigmas = 3, 60, 5, 2.0
+    exact = torch.randn(queries, examples, generator=generator, dtype=torch.float64) ** 3
+    sigma = 0.05 + 0.3 * torch.rand(queries, examples, generator=generator, dtype=torch.float64)
+    noise = (2 * torch.rand(queries, examples, generator=generator) - 1).double()
+    index_scores = exact + sigmas * sigma * noise  # inside the bounds
+    found, spread = [], []
+    for sign in (1.0, -1.0):
+        order = (sign * index_scores).argsort(dim=1, descending=True)[:, :40]  # C = 40
+        found.append(TopK(order, index_scores.gather(1, order)))
+        spread.append(sigma.gather(1, order))
+    rescore = _KnownScores(exact)
+    proponents, opponents = bounded_rerank(tuple(found), spread, k, sigmas, rescore, batch)
+    for part, sign in ((proponents, 1.0), (opponents, -1.0)):
+        truth = (sign * exact).topk(k, dim=1).indices
+        assert torch.equal(part.indices.sort(1).values, truth.sort(1).values)
+        exact_rows = exact.gather(1, part.indices)
+        torch.testing.assert_close(part.scores[part.exact], exact_rows[part.exact])
+        inexact = ~part.exact
+        torch.testing.assert_close(
+            part.scores[inexact], index_scores.gather(1, part.indices)[inexact]
+        )
+    assert all(len(call) <= batch for call in rescore.calls)
+    rescored = {example for call in rescore.calls for example in call}
+    assert len(rescored) == sum(map(len, rescore.calls))  # nothing re-scored twice
+    assert len(rescored) < examples  # the certain ones were left alone
+
+
+def test_countsketch_error_model_matches_the_sketch_variance(engine):
+    """Var over sketch seeds of ⟨Sx, Sy⟩ − ⟨x, y⟩ is (‖x‖²‖y‖² + ⟨x, y⟩² − 2Σx_i²y_i²) / dim;
+    the re-rank's model keeps its leading term ‖x‖²‖y‖² / dim."""
+    layout = CoordinateLayout(engine.curvature)
+    x, y = _random_vectors(layout, 2, 5)
+    dim, errors = 16, []
+    for seed in range(400):
+        config = IndexConfig(compression="countsketch", dim=dim, sketch_seed=seed)
+        encoder, _ = _encoder(engine, config)
+        cx, cy = encoder.compress_whitened(layout.split(torch.stack([x, y])))
+        errors.append(float(cx @ cy - x @ y))
+    norms = x.square().sum() * y.square().sum()
+    variance = (norms + (x @ y) ** 2 - 2 * (x.square() * y.square()).sum()) / dim
+    assert abs(float(norms / dim / variance) - 1) < 0.05
+    assert 0.8 < float(torch.tensor(errors).square().mean() / variance) < 1.2
+
+
+def test_bounded_rerank_of_an_exact_int8_index_rescores_only_the_close_calls(
+    fitted, engine, tmp_path, monkeypatch
+):
+    """Rounding is the only error of an exact int8 index: lists exact, few re-scored."""
+    _, queries, exact = fitted
+    config = dataclasses.replace(EXACT, storage="int8", calibration_examples=9, exact_rerank=9)
+    index = engine.build_index(tmp_path, config)
+    calls = []
+    original = fastinf.index.index._ExactScores.__call__
+    monkeypatch.setattr(
+        fastinf.index.index._ExactScores,
+        "__call__",
+        lambda self, examples: calls.append(list(examples)) or original(self, examples),
+    )
+    vectors, _ = index.query_vectors(engine, queries)
+    sketch, rounding = index.error_model(vectors)
+    assert float(sketch.abs().max()) == 0.0 and float(rounding.min()) > 0
+    result = engine.score(queries, k=3, rerank_sigmas=6.0)
+    assert torch.equal(result.proponents.indices, exact.proponents.indices)
+    assert torch.equal(result.opponents.indices, exact.opponents.indices)
+    for part, truth in ((result.proponents, exact.proponents), (result.opponents, exact.opponents)):
+        torch.testing.assert_close(part.scores[part.exact], truth.scores[part.exact])
+        scale = float(truth.scores.abs().max())
+        torch.testing.assert_close(part.scores, truth.scores, rtol=0, atol=0.05 * scale)
+    assert sum(map(len, calls)) < 9
 
 
 def test_index_over_a_subset_maps_rows_to_dataset_indices(fitted, engine, tmp_path):

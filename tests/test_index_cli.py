@@ -50,7 +50,8 @@ def test_cli_index_then_topk_matches_exact_scores(tmp_path, capsys):
     expected = engine.score(queries, k=3)
     assert written["proponents"]["indices"] == expected.proponents.indices.tolist()
     assert written["opponents"]["indices"] == expected.opponents.indices.tolist()
-    assert main([*query, "--exact-rerank", "6", "--out", str(tmp_path / "rerank.json")]) == 0
+    rerank = ["--exact-rerank", "6", "--rerank-sigmas", "0"]
+    assert main([*query, *rerank, "--out", str(tmp_path / "rerank.json")]) == 0
     reranked = json.loads((tmp_path / "rerank.json").read_text())
     torch.testing.assert_close(
         torch.tensor(reranked["proponents"]["scores"], dtype=torch.float64),

@@ -8,6 +8,7 @@ fields choose the faiss structure built over the stored vectors.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,10 +92,19 @@ class IndexConfig:
     hnsw_neighbors: int = field(default=32, metadata={"help": "hnsw: graph degree M"})
     hnsw_ef_search: int = field(default=128, metadata={"help": "hnsw: search breadth"})
     exact_rerank: int = field(
-        default=20,
+        default=32,
         metadata={
-            "help": "default candidates per query and sign re-scored exactly at query time "
-            "(0: none); `score(..., exact_rerank=C)` overrides"
+            "help": "candidates per query and sign that may be re-scored exactly at query "
+            "time (0: none); `score(..., exact_rerank=C)` overrides"
+        },
+    )
+    rerank_sigmas: float = field(
+        default=1.0,
+        metadata={
+            "help": "bounded re-rank (countsketch and exact compressions): candidates are "
+            "re-scored, closest to the top-k boundary first, until every candidate's place "
+            "in or out of the top-k holds with its index score ± this many standard "
+            "deviations of the compression error; 0: re-score all C candidates"
         },
     )
 
@@ -111,6 +121,10 @@ class IndexConfig:
             raise ValueError(f"IndexConfig.nlist={self.nlist!r} must be >= 0 (0: automatic).")
         if not isinstance(self.exact_rerank, int) or self.exact_rerank < 0:
             raise ValueError(f"IndexConfig.exact_rerank={self.exact_rerank!r} must be >= 0.")
+        if not 0.0 <= self.rerank_sigmas < math.inf:
+            raise ValueError(
+                f"IndexConfig.rerank_sigmas={self.rerank_sigmas!r} must be a finite number >= 0."
+            )
         if not 0.0 < self.exact_fraction < 1.0:
             raise ValueError(
                 f"IndexConfig.exact_fraction={self.exact_fraction!r} must be in (0, 1)."

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -78,11 +79,17 @@ class TrainingIndex:
             records = [r for r in records if r["shard"] % self.world == self.rank]
         self.rows = torch.cat([torch.arange(r["start"], r["stop"]) for r in records])
         self.shards = [store.open_shard(record, verify=verify) for record in records]
+        self._norms: Tensor | None = None
         if self.config.search == "flat":
-            batches = (self.quantizer.values(values) for values in self.shards)
+            norms: list[np.ndarray] = []
             self.search_index = SearchIndex.build(
-                self.config, self.dim, len(self.rows), batches, self.quantizer.scale_array()
+                self.config,
+                self.dim,
+                len(self.rows),
+                self._decoded(norms),
+                self.quantizer.scale_array(),
             )
+            self._norms = self._by_example(norms)
         else:
             path = store.check_search(manifest["search_sha256"])
             self.search_index = SearchIndex.read(path, self.config)
@@ -150,6 +157,54 @@ class TrainingIndex:
         """The stored values [rows, dim] held here (all N unless sharded), in row order."""
         return np.concatenate([np.asarray(values) for values in self.shards])
 
+    def _decoded(self, norms: list[np.ndarray]) -> Iterator[np.ndarray]:
+        """Each shard's values as the search sees them; appends their norms to `norms`."""
+        for values in self.shards:
+            decoded = self.quantizer.values(values)
+            norms.append(np.linalg.norm(decoded.astype(np.float64), axis=1))
+            yield decoded
+
+    def _by_example(self, norms: list[np.ndarray]) -> Tensor:
+        """Row norms (this rank's, in row order) → ‖v_n‖ by dataset index, every rank's."""
+        pairs = [(self.order[self.rows], torch.from_numpy(np.concatenate(norms)))]
+        if self.world > 1:
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, pairs[0])
+            pairs = gathered
+        full = torch.full((int(self.order.max()) + 1,), math.nan, dtype=torch.float64)
+        for examples, values in pairs:
+            full[examples] = values
+        return full
+
+    def norms(self) -> Tensor:
+        """‖stored vector‖ of every indexed example, by dataset index (NaN: not indexed)."""
+        if self._norms is None:
+            norms: list[np.ndarray] = []
+            for _ in self._decoded(norms):
+                pass
+            self._norms = self._by_example(norms)
+        return self._norms
+
+    def error_model(self, vectors: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(a [Q], b [Q]): the index score ⟨v_q, v_n⟩ − τ(q, n) has variance ≈ a_q ‖v_n‖² + b_q.
+
+        Count sketch: a = ‖v_q‖² / dim (each cross term q_i v_j lands in the same bucket with
+        probability 1/dim, with a random sign); integer storage: b = Σ_d q_d² s_d² / 12
+        (rounding to steps s_d). None for compressions without this model (their re-rank
+        re-scores every candidate). `bench/index_recall.py` checks the model's calibration.
+        """
+        query = vectors.double()
+        if self.config.compression == "countsketch":
+            sketch = query.square().sum(1) / self.dim
+        elif self.config.compression == "exact":
+            sketch = query.new_zeros(query.shape[0])
+        else:
+            return None
+        rounding = query.new_zeros(query.shape[0])
+        if self.quantizer.scale is not None:
+            rounding = query.square() @ self.quantizer.scale.double().square() / 12
+        return sketch, rounding
+
     # -- queries ---------------------------------------------------------------------------
     def query_vectors(
         self, engine, queries: Tensor | QueryCache, cond=None
@@ -199,7 +254,9 @@ class TrainingIndex:
             scores_t = torch.from_numpy(scores).double()
             if self.world > 1:
                 scores_t, indices = _merge_ranks(scores_t, indices, k, self.world)
-            found.append(TopK(indices, sign * scores_t))
+            found.append(
+                TopK(indices, sign * scores_t, torch.zeros_like(indices, dtype=torch.bool))
+            )
         return found[0], found[1]
 
     def scores(self, vectors: Tensor) -> Tensor:
@@ -227,16 +284,21 @@ class TrainingIndex:
         *,
         cond=None,
         exact_rerank: int | None = None,
+        rerank_sigmas: float | None = None,
         return_scores: bool = False,
     ) -> InfluenceResult:
         """Proponents and opponents of each query by index search, optionally re-ranked.
 
         Args:
-            exact_rerank: C > 0 re-scores the union of every query's top-C candidates of
-                each sign exactly (their train gradients are recomputed, `engine.score`
-                over those examples): the returned scores are then exact τ, and the lists
-                exact whenever the true top-k are among the candidates. None: the index's
-                `IndexConfig.exact_rerank`; 0: search only.
+            exact_rerank: C > 0 takes every query's top-C candidates of each sign and
+                re-scores them exactly (their train gradients are recomputed, `engine.score`
+                over those examples). With `IndexConfig.rerank_sigmas` > 0 and a compression
+                with an error model, only the candidates whose place in or out of the top-k
+                is uncertain are re-scored (`bounded_rerank`; `TopK.exact` marks exact
+                scores); else all of them, and the lists are exact whenever the true top-k
+                are among the candidates. None: the index's `IndexConfig.exact_rerank`;
+                0: search only.
+            rerank_sigmas: overrides `IndexConfig.rerank_sigmas` (0: re-score all C).
             return_scores: also return the index scores of every row, [Q, N] (row order).
         """
         rerank = self.config.exact_rerank if exact_rerank is None else exact_rerank
@@ -248,8 +310,119 @@ class TrainingIndex:
         if not rerank:
             proponents, opponents = self.search(vectors, k)
             return InfluenceResult(proponents, opponents, scores, query_ids)
-        proponents, opponents = self.search(vectors, max(rerank, k))
-        found = torch.cat([proponents.indices.flatten(), opponents.indices.flatten()])
-        candidates = sorted(set(found[found >= 0].tolist()))
-        exact = engine.score(queries, k, indices=candidates)
-        return InfluenceResult(exact.proponents, exact.opponents, scores, query_ids)
+        found = self.search(vectors, max(rerank, k))
+        sigmas = self.config.rerank_sigmas if rerank_sigmas is None else rerank_sigmas
+        model = self.error_model(vectors) if sigmas > 0 else None
+        if model is None:
+            flat = torch.cat([part.indices.flatten() for part in found])
+            candidates = sorted(set(flat[flat >= 0].tolist()))
+            exact = engine.score(queries, k, indices=candidates)
+            return InfluenceResult(exact.proponents, exact.opponents, scores, query_ids)
+        sketch, rounding = model
+        norms = self.norms()[torch.cat([part.indices for part in found], 1).clamp_min(0)]
+        sigma = (sketch[:, None] * norms.square() + rounding[:, None]).sqrt()
+        spread = list(sigma.split(found[0].indices.shape[1], dim=1))
+        rescore = _ExactScores(engine, queries)
+        proponents, opponents = bounded_rerank(found, spread, k, sigmas, rescore, rescore.batch)
+        return InfluenceResult(proponents, opponents, scores, query_ids)
+
+
+class _ExactScores:
+    """Exact τ of every query against chosen training examples, remembered once computed."""
+
+    def __init__(self, engine, queries: QueryCache):
+        self.engine, self.queries = engine, queries
+        self.known: dict[int, Tensor] = {}
+        # Examples per call: one forward/backward pass of the engine's batch.
+        self.batch = max(1, engine.config.batch_size // engine.config.train_draws)
+
+    def __call__(self, examples: list[int]) -> None:
+        result = self.engine.score(self.queries, 1, indices=examples, return_scores=True)
+        for column, example in enumerate(examples):
+            self.known[example] = result.scores[:, column]
+
+
+def bounded_rerank(
+    found: tuple[TopK, TopK],
+    spread: list[Tensor],
+    k: int,
+    sigmas: float,
+    exact: _ExactScores,
+    batch: int,
+) -> tuple[TopK, TopK]:
+    """Top-k of each query and sign from index candidates, re-scoring only the uncertain.
+
+    A candidate's τ lies in [score − z·σ, score + z·σ] (z = `sigmas`, σ from
+    `TrainingIndex.error_model`) until it is re-scored exactly. Rounds re-score up to `batch`
+    candidates, highest upper bound first, among those that could be in the top-k (upper
+    bound ≥ the k-th largest lower bound) and are not surely in it (lower bound above the
+    (k+1)-th largest upper bound); they stop when none is left. Every query's scores of a
+    re-scored example are kept. Returned scores are exact where `TopK.exact`, else the
+    index's.
+
+    Args:
+        found: (proponents, opponents) index candidates [Q, C] (opponents: ascending).
+        spread: σ of each candidate's index score, [Q, C] per sign.
+    """
+    signs = (1.0, -1.0)
+    while True:
+        pending: list[list[int]] = []
+        for part, sign, sigma in zip(found, signs, spread, strict=True):
+            for row in range(part.indices.shape[0]):
+                pending.append(_uncertain(part, sign, sigma, row, k, sigmas, exact.known))
+        chosen: list[int] = []
+        for rank in range(max(map(len, pending), default=0)):
+            for items in pending:
+                if rank < len(items) and items[rank] not in chosen and len(chosen) < batch:
+                    chosen.append(items[rank])
+        if not chosen:
+            break
+        exact(chosen)
+    return tuple(
+        _final(part, sign, k, exact.known) for part, sign in zip(found, signs, strict=True)
+    )
+
+
+def _estimates(part: TopK, sign: float, row: int, known: dict[int, Tensor]):
+    """(valid candidate positions, sign × score, exact mask) of one query's list."""
+    valid = torch.nonzero(part.indices[row] >= 0).flatten()
+    indices = part.indices[row, valid].tolist()
+    scores = part.scores[row, valid].double().clone()
+    mask = torch.zeros(len(indices), dtype=torch.bool)
+    for position, example in enumerate(indices):
+        if example in known:
+            scores[position] = known[example][row]
+            mask[position] = True
+    return valid, sign * scores, mask
+
+
+def _uncertain(part, sign, sigma, row, k, sigmas, known) -> list[int]:
+    valid, score, mask = _estimates(part, sign, row, known)
+    width = torch.where(mask, 0.0, sigmas * sigma[row, valid].double())
+    low, high = score - width, score + width
+    count = min(k, score.numel())
+    if count == 0:
+        return []
+    kth_low = low.topk(count).values[-1]
+    beyond = high.topk(count + 1).values[-1] if score.numel() > count else -math.inf
+    open_ = (~mask) & (high >= kth_low) & ~(low > beyond)
+    order = torch.argsort(high, descending=True, stable=True)
+    indices = part.indices[row, valid]
+    return [int(indices[i]) for i in order.tolist() if open_[i]]
+
+
+def _final(part: TopK, sign: float, k: int, known: dict[int, Tensor]) -> TopK:
+    rows = []
+    for row in range(part.indices.shape[0]):
+        valid, score, mask = _estimates(part, sign, row, known)
+        order = torch.argsort(score, descending=True, stable=True)[:k]
+        indices = part.indices[row, valid][order]
+        pad = k - order.numel()
+        rows.append(
+            (
+                torch.cat([indices, indices.new_full((pad,), -1)]),
+                torch.cat([sign * score[order], score.new_full((pad,), math.nan)]),
+                torch.cat([mask[order], mask.new_zeros(pad)]),
+            )
+        )
+    return TopK(*(torch.stack(column) for column in zip(*rows, strict=True)))
