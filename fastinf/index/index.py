@@ -25,6 +25,7 @@ from ..artifacts import ArtifactMismatchError, check_provenance
 from ..scoring import InfluenceResult, QueryCache, TopK
 from .build import GRADIENT_FIELDS, _flatten, _rank_world, index_identity, load_encoder
 from .config import IndexConfig
+from .encode import Quantizer
 from .search import SearchIndex
 from .store import BuildPlan, IndexStore
 
@@ -43,6 +44,32 @@ def _merge_ranks(scores: Tensor, indices: Tensor, k: int, world: int) -> tuple[T
     scores, indices = scores.gather(1, by_index), indices.gather(1, by_index)
     by_score = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
     return scores.gather(1, by_score), indices.gather(1, by_score)
+
+
+def error_model(
+    compression: str, dim: int, quantizer: Quantizer, vectors: Tensor
+) -> tuple[Tensor, Tensor] | None:
+    """(a [Q], b [Q]): an index score ⟨v_q, v_n⟩ − τ(q, n) has variance ≈ a_q ‖v_n‖² + b_q.
+
+    Count sketch: a = ‖v_q‖² / dim (each cross term q_i v_j lands in the same bucket with
+    probability 1/dim, with a random sign); integer storage: b = Σ_d q_d² s_d² / 12
+    (rounding to steps s_d). None for compressions without this model (their re-rank
+    re-scores every candidate). `bench/index_recall.py` checks the model's calibration.
+
+    Args:
+        vectors: [Q, dim] query index vectors.
+    """
+    query = vectors.double()
+    if compression == "countsketch":
+        sketch = query.square().sum(1) / dim
+    elif compression == "exact":
+        sketch = query.new_zeros(query.shape[0])
+    else:
+        return None
+    rounding = query.new_zeros(query.shape[0])
+    if quantizer.scale is not None:
+        rounding = query.square() @ quantizer.scale.double().square() / 12
+    return sketch, rounding
 
 
 class TrainingIndex:
@@ -186,24 +213,8 @@ class TrainingIndex:
         return self._norms
 
     def error_model(self, vectors: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(a [Q], b [Q]): the index score ⟨v_q, v_n⟩ − τ(q, n) has variance ≈ a_q ‖v_n‖² + b_q.
-
-        Count sketch: a = ‖v_q‖² / dim (each cross term q_i v_j lands in the same bucket with
-        probability 1/dim, with a random sign); integer storage: b = Σ_d q_d² s_d² / 12
-        (rounding to steps s_d). None for compressions without this model (their re-rank
-        re-scores every candidate). `bench/index_recall.py` checks the model's calibration.
-        """
-        query = vectors.double()
-        if self.config.compression == "countsketch":
-            sketch = query.square().sum(1) / self.dim
-        elif self.config.compression == "exact":
-            sketch = query.new_zeros(query.shape[0])
-        else:
-            return None
-        rounding = query.new_zeros(query.shape[0])
-        if self.quantizer.scale is not None:
-            rounding = query.square() @ self.quantizer.scale.double().square() / 12
-        return sketch, rounding
+        """The compression error model of this index's scores (`error_model`)."""
+        return error_model(self.config.compression, self.dim, self.quantizer, vectors)
 
     # -- queries ---------------------------------------------------------------------------
     def query_vectors(
