@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from .config import CurvatureConfig, ScoreConfig
 from .data import ImageTensorDataset, load_digits_dataset
 from .engine import InfluenceEngine
-from .index.config import IndexConfig
+from .index.config import COMPRESSIONS, SEARCHES, STORAGES, IndexConfig
 from .models import default_schedule, load_digits_model, load_unet, schedule_from_sidecar
 
 __all__ = ["main"]
@@ -313,16 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--damping-mode", choices=["absolute", "relative"], default=ScoreConfig.damping_mode
     )
     index.add_argument("--block-size", type=int, default=ScoreConfig.block_size)
-    index.add_argument("--compression", default=IndexConfig.compression, help="see IndexConfig")
+    index.add_argument("--compression", choices=list(COMPRESSIONS), default=IndexConfig.compression)
     index.add_argument("--dim", type=int, default=IndexConfig.dim)
-    index.add_argument("--storage", choices=["fp32", "fp16", "int8"], default=IndexConfig.storage)
+    index.add_argument("--storage", choices=list(STORAGES), default=IndexConfig.storage)
     index.add_argument("--rank-by", choices=["damped_ratio", "energy"], default=IndexConfig.rank_by)
     index.add_argument("--sketch-seed", type=int, default=IndexConfig.sketch_seed)
     index.add_argument("--calibration-examples", type=int, default=IndexConfig.calibration_examples)
     index.add_argument("--shard-size", type=int, default=IndexConfig.shard_size)
-    index.add_argument(
-        "--search", choices=["flat", "ivf", "ivfpq", "hnsw"], default=IndexConfig.search
-    )
+    index.add_argument("--search", choices=list(SEARCHES), default=IndexConfig.search)
     index.add_argument("--nlist", type=int, default=IndexConfig.nlist)
     index.add_argument("--nprobe", type=int, default=IndexConfig.nprobe)
     index.add_argument(
