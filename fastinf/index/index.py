@@ -2,8 +2,9 @@
 
     index = engine.build_index("index/")   # once (or `fastinf index --out index/`)
     index = engine.load_index("index/")    # later; engine.score / topk_influencers use it
-    result = engine.score(queries, k=10)                  # search only: milliseconds
-    result = engine.score(queries, k=10, exact_rerank=50) # exact τ for the top-50 candidates
+    result = engine.score(queries, k=10)                  # search + bounded exact re-rank
+    result = engine.score(queries, k=10, exact_rerank=0)  # search only: milliseconds
+    result = engine.score(queries, k=10, rerank_sigmas=0) # exact τ for all top-C candidates
 
 Loading checks that the index belongs to the engine's model, dataset, curvature, gradient
 draws and damping, and verifies every file's checksum (DESIGN §2: never a silently wrong
@@ -54,7 +55,8 @@ def error_model(
     Count sketch: a = ‖v_q‖² / dim (each cross term q_i v_j lands in the same bucket with
     probability 1/dim, with a random sign); integer storage: b = Σ_d q_d² s_d² / 12
     (rounding to steps s_d). None for compressions without this model (their re-rank
-    re-scores every candidate). `bench/index_recall.py` checks the model's calibration.
+    re-scores every candidate). The variance over sketch seeds is tested against this
+    model; `bench/index_latency.py` measures the recall of the re-rank that relies on it.
 
     Args:
         vectors: [Q, dim] query index vectors.
@@ -374,6 +376,9 @@ def bounded_rerank(
     Args:
         found: (proponents, opponents) index candidates [Q, C] (opponents: ascending).
         spread: σ of each candidate's index score, [Q, C] per sign.
+        exact: called with a list of training indices, fills `exact.known[index]` with
+            their exact τ for every query [Q].
+        batch: most examples re-scored per call.
     """
     signs = (1.0, -1.0)
     while True:
