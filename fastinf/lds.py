@@ -32,6 +32,7 @@ from .curvature import as_kfac
 from .data import ImageTensorDataset, load_digits_dataset
 from .engine import InfluenceEngine
 from .evaluation import LDSResult, lds, oracle_lds, subset_masks
+from .index.config import IndexConfig
 from .models import default_schedule, digits_unet_config
 from .retrain import ModelStore, QueryProbe, RetrainJob, RetrainRecipe
 from .sampling import sample_ddpm
@@ -291,6 +292,36 @@ class LDSRun:
                 save_file({"scores": matrix.contiguous()}, str(partial))
                 os.replace(partial, path)
         return {m.key(): load_file(str(self._score_path(m)))["scores"] for m in methods}
+
+    def index_scores(self, method: Method, index: IndexConfig) -> Tensor:
+        """Score matrix [Q, N] of `method` read from an index of the training set.
+
+        The index (built once under `index/`) stores each train gradient whitened and
+        compressed by `index`; the scores are its inner products with the queries' index
+        vectors, what a search ranks by, for every training example in dataset order.
+        """
+        config_key = hashlib.sha256(json.dumps(index.to_dict(), sort_keys=True).encode())
+        key = f"{method.key()}_{config_key.hexdigest()[:12]}"
+        path = self.run_dir / "scores" / f"index_{key}.safetensors"
+        if not path.exists():
+            view = self.engine().with_config(
+                curvature=self._curvature(method.curvature),
+                measurement=method.measurement,
+                query_draws=method.query_draws,
+                damping=method.damping,
+                damping_mode=method.damping_mode,
+                train_draws=method.train_draws,
+                train_objective=method.train_objective,
+            )
+            built = view.build_index(self.run_dir / "index" / key, index)
+            vectors, _ = built.query_vectors(view, self.queries())
+            scores = torch.empty(vectors.shape[0], built.num_examples, dtype=torch.float64)
+            scores[:, built.order] = built.scores(vectors)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.stem + ".partial.safetensors")
+            save_file({"scores": scores.contiguous()}, str(partial))
+            os.replace(partial, path)
+        return load_file(str(path))["scores"]
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, methods: list[Method]) -> list[dict]:

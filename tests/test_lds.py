@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastinf.config import CurvatureConfig
+from fastinf.index import IndexConfig
 from fastinf.lds import LDSConfig, LDSRun, Method
 from fastinf.retrain import RetrainRecipe
 
@@ -107,3 +108,23 @@ def test_counterfactual_rows(run_dir):
     assert row["percent_removed"] == 10.0
     assert all(isinstance(row[k], float) for k in ("base", "delta_top", "delta_random"))
     assert (directory / "models" / "without_random_10pct.json").exists()
+
+
+def test_index_scores_of_an_uncompressed_index_are_the_exact_scores(run_dir, monkeypatch):
+    directory, _ = run_dir
+    run = LDSRun(directory, TINY, num_workers=1)
+    method = METHODS[0]
+    exact = run.scores([method])[method.key()]
+    config = IndexConfig(compression="exact", storage="fp32")
+    through_index = run.index_scores(method, config)
+    assert through_index.shape == exact.shape
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(through_index, exact, rtol=0, atol=1e-5 * scale)
+    sketched = run.index_scores(method, IndexConfig(dim=64, storage="fp32"))
+    assert not torch.allclose(sketched, exact)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a cached index score matrix was rebuilt")
+
+    monkeypatch.setattr("fastinf.engine.InfluenceEngine.build_index", refuse)
+    assert torch.equal(run.index_scores(method, config), through_index)
