@@ -376,6 +376,19 @@ def test_approximate_structures_against_flat(search, storage, options, minimum):
     assert recall >= minimum
 
 
+def test_ivf_training_rows_are_capped_by_memory(monkeypatch):
+    """A byte cap on the k-means sample (never below one row per list) keeps IVF exact when
+    every list is probed, and every row is still added."""
+    monkeypatch.setattr(fastinf.index.search, "_MAX_TRAIN_BYTES", 4 * 32 * 5)  # 5 rows
+    values = _clustered(500, 32, 2)
+    config = IndexConfig(search="ivf", storage="fp32", nlist=8, nprobe=8)
+    approx = SearchIndex.build(config, 32, 500, iter(np.array_split(values, 9)))
+    flat = SearchIndex.build(IndexConfig(storage="fp32"), 32, 500, iter([values]))
+    assert approx.size == 500
+    queries = _clustered(5, 32, 3)
+    np.testing.assert_array_equal(approx.search(queries, 5)[1], flat.search(queries, 5)[1])
+
+
 def test_approximate_index_is_written_and_read_back(engine, tmp_path):
     config = IndexConfig(compression="countsketch", dim=8, storage="fp16", search="hnsw")
     index = engine.build_index(tmp_path, config)

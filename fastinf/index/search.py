@@ -29,6 +29,7 @@ _QTYPES = {
 }
 _TRAIN_PER_LIST = 64  # training vectors per IVF list (faiss warns below 39)
 _MAX_TRAIN = 262_144
+_MAX_TRAIN_BYTES = 4 << 30  # float32 training rows held at once (32,768 rows of 32,768 values)
 
 
 def _nlist(config: IndexConfig, num_examples: int) -> int:
@@ -119,7 +120,8 @@ class SearchIndex:
         Args:
             batches: [rows, dim] float32 values (integer storage: code × scale).
             scale: integer storage: the per-dimension scales [dim].
-        Approximate structures are trained on the first rows (up to 64 per IVF list).
+        Approximate structures are trained on the first rows (up to 64 per IVF list and
+        4 GiB of float32 rows).
         """
         index = _make(config, dim, num_examples)
         pinned = config.storage in _PINNED_RANGES and config.search != "ivfpq"
@@ -128,6 +130,8 @@ class SearchIndex:
         pending: list[np.ndarray] = []
         if not index.is_trained:
             wanted = min(num_examples, _MAX_TRAIN, _TRAIN_PER_LIST * _nlist(config, num_examples))
+            wanted = min(wanted, _MAX_TRAIN_BYTES // (4 * dim))
+            wanted = min(num_examples, max(wanted, _nlist(config, num_examples)))  # k-means
             if config.search == "ivfpq":
                 wanted = min(num_examples, max(wanted, 256 * 39))
             held = 0
@@ -139,8 +143,8 @@ class SearchIndex:
             index.train(np.concatenate(pending)[:wanted])
             if pinned:
                 _pin_ranges(index, config.storage, scale)
-        for batch in pending:
-            index.add(batch)
+        while pending:  # release the training rows as they are added
+            index.add(pending.pop(0))
         for batch in batches:
             index.add(batch)
         return cls(index, config)
