@@ -398,6 +398,21 @@ def test_approximate_index_is_written_and_read_back(engine, tmp_path):
     assert torch.equal(again.search(vectors, 3)[0].indices, index.search(vectors, 3)[0].indices)
 
 
+def test_stored_norms_are_the_same_from_flat_and_approximate_indexes(engine, tmp_path):
+    """The re-rank's ‖v_n‖: computed at load (flat) or read per row (approximate)."""
+    config = IndexConfig(compression="countsketch", dim=8, storage="int4", shard_size=4)
+    flat = engine.build_index(tmp_path / "flat", config, indices=[7, 1, 4, 0, 8, 3])
+    hnsw = engine.build_index(
+        tmp_path / "hnsw", dataclasses.replace(config, search="hnsw"), indices=[7, 1, 4, 0, 8, 3]
+    )
+    examples = torch.tensor([[8, 1, 7], [3, 3, 0]])
+    expected = np.linalg.norm(flat.quantizer.values(flat.vectors()).astype(np.float64), axis=1)
+    rows = {int(example): row for row, example in enumerate(flat.order)}
+    truth = torch.tensor([[expected[rows[int(e)]] for e in line] for line in examples])
+    torch.testing.assert_close(flat.norms(examples), truth)
+    torch.testing.assert_close(hnsw.norms(examples), truth)
+
+
 # -- errors ---------------------------------------------------------------------------------
 def test_flipped_byte_in_a_shard_is_detected(engine, tmp_path):
     engine.build_index(tmp_path, EXACT)

@@ -11,6 +11,7 @@ do not depend on the number of ranks, and a killed build resumes where it stoppe
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -47,7 +48,17 @@ def init_distributed() -> tuple[int, int]:
         and int(os.environ.get("WORLD_SIZE", 1)) > 1
     ):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_leave_group)
     return _rank_world()
+
+
+def _leave_group() -> None:
+    """Leave the process group in order at exit: a gloo group left to the interpreter's
+    teardown can abort the process after its work is done. (If a rank fails, torchrun
+    stops the others, so the barrier cannot wait forever.)"""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _rank_world() -> tuple[int, int]:

@@ -205,14 +205,24 @@ class TrainingIndex:
             full[examples] = values
         return full
 
-    def norms(self) -> Tensor:
-        """‖stored vector‖ of every indexed example, by dataset index (NaN: not indexed)."""
-        if self._norms is None:
-            norms: list[np.ndarray] = []
-            for _ in self._decoded(norms):
-                pass
-            self._norms = self._by_example(norms)
-        return self._norms
+    def norms(self, examples: Tensor) -> Tensor:
+        """‖stored vector‖ of the given training examples (dataset indices, any shape).
+
+        A flat index computed every norm while loading; an approximate one (never sharded)
+        reads just these rows from the memory-mapped shards.
+        """
+        if self._norms is not None:
+            return self._norms[examples]
+        positions = np.full(int(self.order.max()) + 1, -1, dtype=np.int64)
+        positions[self.order[self.rows].numpy()] = np.arange(len(self.rows))
+        wanted = positions[examples.flatten().numpy()]
+        starts = np.cumsum([0] + [len(values) for values in self.shards])
+        shard = np.searchsorted(starts, wanted, side="right") - 1
+        out = np.empty(len(wanted))
+        for i, (which, row) in enumerate(zip(shard, wanted - starts[shard], strict=True)):
+            decoded = self.quantizer.values(self.shards[which][row : row + 1])
+            out[i] = np.linalg.norm(decoded.astype(np.float64))
+        return torch.from_numpy(out).reshape(examples.shape)
 
     def error_model(self, vectors: Tensor) -> tuple[Tensor, Tensor] | None:
         """The compression error model of this index's scores (`error_model`)."""
@@ -332,7 +342,7 @@ class TrainingIndex:
             exact = engine.score(queries, k, indices=candidates)
             return InfluenceResult(exact.proponents, exact.opponents, scores, query_ids)
         sketch, rounding = model
-        norms = self.norms()[torch.cat([part.indices for part in found], 1).clamp_min(0)]
+        norms = self.norms(torch.cat([part.indices for part in found], 1).clamp_min(0))
         sigma = (sketch[:, None] * norms.square() + rounding[:, None]).sqrt()
         spread = list(sigma.split(found[0].indices.shape[1], dim=1))
         rescore = _ExactScores(engine, queries)
