@@ -61,6 +61,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def write_summary(name: str, title: str, paragraph: str, rows: list[dict], columns) -> None:
+    """`results/<name>.md`: the title, what the run was (`paragraph`) and its table."""
+    text = [f"# {title}", "", paragraph, "", markdown_table(rows, columns)]
+    (RESULTS_DIR / f"{name}.md").write_text("\n".join(text) + "\n")
+
+
 def recall_at_k(approx: torch.Tensor, exact: torch.Tensor, k: int, candidates: int | None = None):
     """Mean and min over queries of |exact top-k ∩ approx top-`candidates`| / k, for the
     largest scores (proponents) and the smallest (opponents). approx, exact: [Q, N]."""

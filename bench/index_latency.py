@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from index_common import RESULTS_DIR, append_rows, environment, markdown_table
+from index_common import RESULTS_DIR, append_rows, environment, write_summary
 
 from fastinf.artifacts import ArtifactMismatchError
 from fastinf.engine import default_engine, topk_influencers
@@ -211,9 +211,9 @@ def main() -> None:
         row["ms_median"] = round(1e3 * row["seconds_median"], 1)
     columns = ["what", "ms_median", "repeats", "rescored_mean", "recall_proponents"]
     columns += ["recall_opponents"]
-    text = [
-        "# `topk_influencers` latency with the index (digits, 1,797 images, one query per call)",
-        "",
+    write_summary(
+        f"index_latency_{env['device']}",
+        "`topk_influencers` latency with the index (digits, 1,797 images, one query per call)",
         f"Run {env['run']}, commit {env['git_commit']}, {env['device']}, {env['threads']} "
         f"threads, load before {env['load_before']}. Index: {config.compression}, "
         f"{index.dim} {config.storage} values = {index.bytes_per_example} bytes per image, "
@@ -221,10 +221,9 @@ def main() -> None:
         f"{score.damping_mode} {score.damping:g}. Command: "
         "`.venv/bin/python bench/index_latency.py`. Recall@10 against exact EK-FAC scores of "
         "the same queries; the variants alternate query by query.",
-        "",
-        markdown_table(rows, columns),
-    ]
-    (RESULTS_DIR / f"index_latency_{env['device']}.md").write_text("\n".join(text) + "\n")
+        rows,
+        columns,
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from index_common import RESULTS_DIR, append_rows, environment, markdown_table
+from index_common import RESULTS_DIR, append_rows, environment, write_summary
 
 SIZES = (512, 1536, 4608)
 SHARD_SIZE = 256  # both sizes span several shards: the shard buffer is the same
@@ -93,18 +93,17 @@ def main() -> None:
     columns = ["N", "dim", "bytes_per_example", "build_seconds"]
     columns += ["peak_before_mib", "peak_after_build_mib", "build_growth_mib"]
     columns += ["peak_after_load_mib"]
-    text = [
-        "# Index build peak memory at three training-set sizes (digits)",
-        "",
+    write_summary(
+        f"index_memory_{env['device']}",
+        "Index build peak memory at three training-set sizes (digits)",
         f"Run {env['run']}, commit {env['git_commit']}, {env['device']}, load before "
         f"{env['load_before']}. Command: `.venv/bin/python bench/index_memory.py`. Peak RSS "
         "(VmHWM) of a fresh process before the build (model, data, curvature loaded), after "
         "`build_index(..., load=False)`, and after `load_index` (which assembles the in-memory "
         "search structure, N × bytes per example).",
-        "",
-        markdown_table(rows, columns),
-    ]
-    (RESULTS_DIR / f"index_memory_{env['device']}.md").write_text("\n".join(text) + "\n")
+        rows,
+        columns,
+    )
 
 
 if __name__ == "__main__":

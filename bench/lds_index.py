@@ -20,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from index_common import RESULTS_DIR, append_rows, environment, markdown_table
+from index_common import RESULTS_DIR, append_rows, environment, write_summary
 
 from fastinf.evaluation import lds, spearman
 from fastinf.index import IndexConfig
@@ -70,19 +70,18 @@ def main() -> None:
     append_rows(RESULTS_DIR / "lds_index.csv", rows)
     columns = ["scores", "bytes_per_example", "lds", "lds_sem"]
     columns += ["spearman_vs_exact_mean", "spearman_vs_exact_min", "seconds"]
-    text = [
-        "# LDS of EK-FAC through the index (digits)",
-        "",
+    write_summary(
+        "lds_index",
+        "LDS of EK-FAC through the index (digits)",
         f"Run {env['run']}, commit {env['git_commit']}, {env['device']}, {env['threads']} "
         f"threads. Engine-default EK-FAC on the `bench/lds_run/` benchmark "
         f"({exact.shape[1]:,} training digits, {run.config.num_subsets} half subsets, "
         f"{exact.shape[0]} queries). `spearman_vs_exact`: per query, index scores against "
         "exact scores over every training digit. `seconds`: index build and scoring (0 when "
         "cached). Command: `.venv/bin/python bench/lds_index.py`.",
-        "",
-        markdown_table(rows, columns),
-    ]
-    (RESULTS_DIR / "lds_index.md").write_text("\n".join(text) + "\n")
+        rows,
+        columns,
+    )
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ class Method:
         fields = dataclasses.asdict(self)
         fields.pop("name")
         fields["curvature"] = self.curvature.fingerprint()
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(fields)
 
     def row(self) -> dict:
         """The method's settings as flat table columns."""
@@ -116,9 +116,21 @@ class Method:
         }
 
 
+def _digest(fields: dict, length: int = 16) -> str:
+    """A short SHA-256 of JSON-serialisable settings (the cache keys of this module)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:length]
+
+
 def _curvature_key(config: CurvatureConfig) -> str:
-    text = json.dumps(config.fingerprint(), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _digest(config.fingerprint())
+
+
+def _save_tensor(path: Path, name: str, tensor: Tensor) -> None:
+    """Write one tensor to `path` atomically (a killed run never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.stem + ".partial.safetensors")
+    save_file({name: tensor.contiguous()}, str(partial))
+    os.replace(partial, path)
 
 
 class LDSRun:
@@ -199,9 +211,7 @@ class LDSRun:
                     seed=self.config.seed,
                     num_inference_steps=self.config.sampling_steps,
                 )
-                partial = path.with_name("queries.partial.safetensors")
-                save_file({"queries": samples.contiguous()}, str(partial))
-                os.replace(partial, path)
+                _save_tensor(path, "queries", samples)
                 self._queries = samples
         return self._queries
 
@@ -252,6 +262,16 @@ class LDSRun:
             self._curvatures[key] = view.curvature
         return self._curvatures[key]
 
+    def _view(self, method: Method) -> InfluenceEngine:
+        """The engine with `method`'s curvature, measurement, query draws and damping."""
+        return self.engine().with_config(
+            curvature=self._curvature(method.curvature),
+            measurement=method.measurement,
+            query_draws=method.query_draws,
+            damping=method.damping,
+            damping_mode=method.damping_mode,
+        )
+
     def _score_path(self, method: Method) -> Path:
         return self.run_dir / "scores" / f"{method.key()}.safetensors"
 
@@ -273,24 +293,14 @@ class LDSRun:
             caches = []
             for method in members:
                 grad_key = (method.measurement, method.query_draws)
-                view = engine.with_config(
-                    curvature=self._curvature(method.curvature),
-                    measurement=method.measurement,
-                    query_draws=method.query_draws,
-                    damping=method.damping,
-                    damping_mode=method.damping_mode,
-                )
+                view = self._view(method)
                 if grad_key not in query_grads:
                     query_grads[grad_key] = view.query_gradients(queries)
                 caches.append(view.precondition_queries(query_grads[grad_key], ids))
             view = engine.with_config(train_objective=objective, train_draws=draws)
             matrices = view.score_matrices(caches)
             for method, matrix in zip(members, matrices, strict=True):
-                path = self._score_path(method)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_name(path.stem + ".partial.safetensors")
-                save_file({"scores": matrix.contiguous()}, str(partial))
-                os.replace(partial, path)
+                _save_tensor(self._score_path(method), "scores", matrix)
         return {m.key(): load_file(str(self._score_path(m)))["scores"] for m in methods}
 
     def index_scores(self, method: Method, index: IndexConfig) -> Tensor:
@@ -300,27 +310,17 @@ class LDSRun:
         compressed by `index`; the scores are its inner products with the queries' index
         vectors, what a search ranks by, for every training example in dataset order.
         """
-        config_key = hashlib.sha256(json.dumps(index.to_dict(), sort_keys=True).encode())
-        key = f"{method.key()}_{config_key.hexdigest()[:12]}"
+        key = f"{method.key()}_{_digest(index.to_dict(), 12)}"
         path = self.run_dir / "scores" / f"index_{key}.safetensors"
         if not path.exists():
-            view = self.engine().with_config(
-                curvature=self._curvature(method.curvature),
-                measurement=method.measurement,
-                query_draws=method.query_draws,
-                damping=method.damping,
-                damping_mode=method.damping_mode,
-                train_draws=method.train_draws,
-                train_objective=method.train_objective,
+            view = self._view(method).with_config(
+                train_draws=method.train_draws, train_objective=method.train_objective
             )
             built = view.build_index(self.run_dir / "index" / key, index)
             vectors, _ = built.query_vectors(view, self.queries())
             scores = torch.empty(vectors.shape[0], built.num_examples, dtype=torch.float64)
             scores[:, built.order] = built.scores(vectors)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(path.stem + ".partial.safetensors")
-            save_file({"scores": scores.contiguous()}, str(partial))
-            os.replace(partial, path)
+            _save_tensor(path, "scores", scores)
         return load_file(str(path))["scores"]
 
     # -- evaluation ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 import fastinf.index
 from fastinf.artifacts import ArtifactCorruptError, ArtifactMismatchError
-from fastinf.config import CurvatureConfig, ScoreConfig
+from fastinf.config import CurvatureConfig
 from fastinf.diffusion import NoiseSchedule
 from fastinf.engine import InfluenceEngine
 from fastinf.index import IndexConfig, TrainingIndex
@@ -21,16 +21,9 @@ from fastinf.index.index import bounded_rerank
 from fastinf.index.search import SearchIndex
 from fastinf.scoring import TopK
 
-from tiny import TinyConvEps, random_dataset
+from tiny import SMALL_SCORE, TinyConvEps, random_dataset
 
-CONFIG = ScoreConfig(
-    train_draws=3,
-    query_draws=4,
-    damping=1e-3,
-    damping_mode="absolute",
-    block_size=4,
-    batch_size=64,
-)
+CONFIG = SMALL_SCORE
 EXACT = IndexConfig(compression="exact", storage="fp32", shard_size=4, exact_rerank=0)
 
 

@@ -5,21 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from fastinf.config import CurvatureConfig, ScoreConfig
+from fastinf.config import CurvatureConfig
 from fastinf.diffusion import NoiseSchedule
 from fastinf.engine import InfluenceEngine
 
-from tiny import TinyConvEps, random_dataset
+from tiny import SMALL_SCORE, TinyConvEps, random_dataset
 
-BASE = ScoreConfig(
-    train_draws=3,
-    query_draws=4,
-    damping=1e-3,
-    damping_mode="absolute",
-    block_size=4,
-    batch_size=64,
-    query_batch_size=8,
-)
+BASE = dataclasses.replace(SMALL_SCORE, query_batch_size=8)
 
 
 @pytest.fixture(scope="module")

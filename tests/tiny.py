@@ -6,7 +6,18 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
+from fastinf.config import ScoreConfig
 from fastinf.data import ImageTensorDataset
+
+# Few draws, small blocks, absolute damping: what the dense float64 references assume.
+SMALL_SCORE = ScoreConfig(
+    train_draws=3,
+    query_draws=4,
+    damping=1e-3,
+    damping_mode="absolute",
+    block_size=4,
+    batch_size=64,
+)
 
 
 class LinearEps(nn.Module):

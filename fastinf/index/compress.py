@@ -22,6 +22,7 @@ the layout, the config, the sketch seed and (truncate/hybrid) the ranking of coo
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import math
 import zlib
@@ -140,7 +141,7 @@ def _split_dims(total: int, weights: list[float], minimum: int = 1) -> list[int]
     return dims
 
 
-class Compressor:
+class Compressor(abc.ABC):
     """Base: `add(block, coords, scale, out)` whitens one block's eigenbasis coordinates and
     adds their compression into `out` [B, dim]; `add_whitened` does the same from already
     whitened coordinates. Subclasses implement `add_whitened`, and may fuse `add`."""
@@ -157,9 +158,9 @@ class Compressor:
         whitened = whiten_sketch(coords, scale.to(coords.dtype), None)
         self.add_whitened(block, whitened.to(out.dtype), out)
 
+    @abc.abstractmethod
     def add_whitened(self, block: Block, whitened: Tensor, out: Tensor) -> None:
         """whitened [B, block.size] (row-major (o, i) order)."""
-        raise NotImplementedError
 
     def random_tensors(self) -> list[Tensor]:
         """The random parts (for the fingerprint that pins them across torch versions)."""

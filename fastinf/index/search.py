@@ -129,9 +129,9 @@ class SearchIndex:
             _pin_ranges(index, config.storage, scale)
         pending: list[np.ndarray] = []
         if not index.is_trained:
-            wanted = min(num_examples, _MAX_TRAIN, _TRAIN_PER_LIST * _nlist(config, num_examples))
-            wanted = min(wanted, _MAX_TRAIN_BYTES // (4 * dim))
-            wanted = min(num_examples, max(wanted, _nlist(config, num_examples)))  # k-means
+            nlist = _nlist(config, num_examples)
+            wanted = min(_MAX_TRAIN, _TRAIN_PER_LIST * nlist, _MAX_TRAIN_BYTES // (4 * dim))
+            wanted = min(num_examples, max(wanted, nlist))  # k-means needs a row per list
             if config.search == "ivfpq":
                 wanted = min(num_examples, max(wanted, 256 * 39))
             held = 0
