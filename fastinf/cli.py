@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from .config import CurvatureConfig, ScoreConfig
 from .data import ImageTensorDataset, load_digits_dataset
 from .engine import InfluenceEngine
-from .index.config import COMPRESSIONS, SEARCHES, STORAGES, IndexConfig
+from .index.config import COMPRESSIONS, RANKINGS, SEARCHES, STORAGES, IndexConfig
+from .index.store import IndexStore
 from .models import default_schedule, load_digits_model, load_unet, schedule_from_sidecar
 
 __all__ = ["main"]
@@ -164,7 +165,7 @@ def _cmd_index(args) -> int:
     start = time.perf_counter()
     engine.build_index(args.out, config, overwrite=args.overwrite, load=False)
     if rank == 0:
-        manifest = json.loads((Path(args.out) / "index.json").read_text())
+        manifest = IndexStore(args.out).read_manifest()
         print(
             f"index of {manifest['plan']['num_examples']} examples ({manifest['dim']} "
             f"{config.storage} values, {config.bytes_per_example(manifest['dim'])} bytes each) "
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--compression", choices=list(COMPRESSIONS), default=IndexConfig.compression)
     index.add_argument("--dim", type=int, default=IndexConfig.dim)
     index.add_argument("--storage", choices=list(STORAGES), default=IndexConfig.storage)
-    index.add_argument("--rank-by", choices=["damped_ratio", "energy"], default=IndexConfig.rank_by)
+    index.add_argument("--rank-by", choices=list(RANKINGS), default=IndexConfig.rank_by)
     index.add_argument("--sketch-seed", type=int, default=IndexConfig.sketch_seed)
     index.add_argument("--calibration-examples", type=int, default=IndexConfig.calibration_examples)
     index.add_argument("--shard-size", type=int, default=IndexConfig.shard_size)
