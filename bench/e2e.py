@@ -40,8 +40,9 @@ import torch
 
 from fastinf.config import CurvatureConfig, ScoreConfig
 from fastinf.data import load_digits_dataset
-from fastinf.diffusion import Purpose, make_draws
+from fastinf.diffusion import Purpose
 from fastinf.engine import InfluenceEngine
+from fastinf.gradients import DrawSpec, ExampleBlock, draw_passes, forward_draws
 from fastinf.models import default_schedule, load_digits_model
 from fastinf.sampling import sample_ddpm
 
@@ -180,29 +181,16 @@ def floor_pass(model, schedule, images: torch.Tensor, num_examples: int, config:
     Same draws (ids 0..N-1, draw ids 0..K-1, purpose TRAIN_GRADIENT, same seed), same pass
     shapes; parameter gradients are formed as in ordinary training.
     """
-    num_draws = config.train_draws
-    per_pass = max(1, config.batch_size // num_draws)
-    draw_ids = torch.arange(num_draws)
     device = next(model.parameters()).device
+    spec = DrawSpec(Purpose.TRAIN_GRADIENT, config.train_draws, config.seed)
     for block_start in range(0, num_examples, config.block_size):
-        block_stop = min(block_start + config.block_size, num_examples)
-        for start in range(block_start, block_stop, per_pass):
-            ids = torch.arange(start, min(start + per_pass, block_stop))
-            draws = make_draws(
-                ids,
-                draw_ids,
-                tuple(images.shape[1:]),
-                num_timesteps=schedule.num_timesteps,
-                purpose=Purpose.TRAIN_GRADIENT,
-                seed=config.seed,
-            )
-            noise = draws.noise.flatten(0, 1).to(device)
-            timesteps = draws.timesteps.flatten().to(device)
-            x0 = images[ids].to(device).repeat_interleave(num_draws, dim=0)
-            x_t = schedule.add_noise(x0, noise, timesteps)
-            per_draw = (model(x_t, timesteps) - noise).square().flatten(1).mean(1)
+        ids = torch.arange(block_start, min(block_start + config.block_size, num_examples))
+        block = ExampleBlock(ids, images[ids].to(device), None)
+        for _, part, part_spec in draw_passes(block, spec, config.batch_size):
+            eps_pred, noise, _ = forward_draws(model, schedule, part, part_spec)
+            per_draw = (eps_pred - noise).square().flatten(1).mean(1)
             model.zero_grad(set_to_none=True)
-            (per_draw.sum() / num_draws).backward()
+            (per_draw.sum() / config.train_draws).backward()
 
 
 def floor_mismatch(engine: InfluenceEngine, images: torch.Tensor) -> float:

@@ -17,7 +17,6 @@ import torch
 
 import fastinf.kernels as kernels
 from fastinf.kernels.dispatch import dot_precision, triton_available
-from fastinf.kernels.score import choose_route
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -43,44 +42,6 @@ def _normal(*shape: int, dtype=torch.float32) -> torch.Tensor:
 
 def _orthogonal(size: int) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(size, size, device=DEVICE))[0]
-
-
-def _score_case(b: int, m: int, d_in: int, d_out: int, q: int, dtype=torch.float32) -> Case:
-    def make() -> dict:
-        return {
-            "act": _normal(b, m, d_in, dtype=dtype),
-            "grad": _normal(b, m, d_out, dtype=dtype),
-            "eigvecs_act": _orthogonal(d_in),
-            "eigvecs_grad": _orthogonal(d_out),
-            "inv_damped": torch.rand(d_out, d_in, device=DEVICE) + 0.1,
-            "queries": _normal(q, d_out, d_in, dtype=dtype),
-        }
-
-    route = choose_route(m, d_in, d_out)
-    shape = f"B={b} M={m} d_in={d_in} d_out={d_out} Q={q} ({route})"
-    return Case(
-        "project_score", shape, dtype, make, lambda x, be: kernels.project_score(**x, backend=be)
-    )
-
-
-def _dense_case(b: int, d_out: int, d_in: int, q: int) -> Case:
-    def make() -> dict:
-        return {
-            "grads": _normal(b, d_out, d_in),
-            "eigvecs_act": _orthogonal(d_in),
-            "eigvecs_grad": _orthogonal(d_out),
-            "inv_damped": torch.rand(d_out, d_in, device=DEVICE) + 0.1,
-            "queries": _normal(q, d_out, d_in),
-        }
-
-    shape = f"B={b} d_out={d_out} d_in={d_in} Q={q}"
-    return Case(
-        "project_score_dense",
-        shape,
-        torch.float32,
-        make,
-        lambda x, be: kernels.project_score_dense(**x, backend=be),
-    )
 
 
 def _params_case(b: int, m: int, d_in: int, d_out: int, q: int, dtype=torch.float32) -> Case:
@@ -142,15 +103,9 @@ def _topk_case(q: int, k: int, b: int) -> Case:
 
 if ON_GPU:
     CASES = [
-        _score_case(32, 1024, 1152, 128, 256),  # conv 128→128 at 32², summed route
-        _score_case(16, 256, 4608, 512, 128),  # conv 512→512 at 16², rows route
-        _score_case(64, 256, 2304, 256, 1024),  # conv 256→256 at 16², 1024 queries
-        _score_case(256, 8, 512, 512, 1024),  # time-embedding linear, 8 draws
-        _score_case(64, 256, 2304, 256, 256, dtype=torch.float16),
-        _dense_case(64, 256, 2304, 512),
-        _params_case(32, 1024, 1152, 128, 256),  # the project_score shapes above, in
-        _params_case(16, 256, 4608, 512, 128),  # parameter space (no projection)
-        _params_case(256, 8, 512, 512, 1024),
+        _params_case(32, 1024, 1152, 128, 256),  # conv 128→128 at 32²
+        _params_case(16, 256, 4608, 512, 128),  # conv 512→512 at 16²
+        _params_case(256, 8, 512, 512, 1024),  # time-embedding linear, 8 draws
         _params_case(64, 256, 2304, 256, 256, dtype=torch.float16),
         _eigval_case(64, 1024, 1152, 128),
         _eigval_case(32, 256, 4608, 512),
@@ -162,7 +117,6 @@ if ON_GPU:
     ]
 else:
     CASES = [
-        _score_case(8, 16, 288, 32, 16),
         _params_case(8, 16, 288, 32, 16),
         _eigval_case(8, 64, 288, 32),
         _whiten_case(32, 32, 288, 64),

@@ -10,7 +10,8 @@ from .config import CurvatureConfig, ScoreConfig
 from .curvature import CurvatureError
 from .diffusion import NoiseSchedule
 from .engine import InfluenceEngine, topk_influencers
-from .scoring import InfluenceResult, QueryCache, TopK
+from .queries import QueryCache
+from .scoring import InfluenceResult, TopK
 
 __all__ = [
     "ArtifactCorruptError",

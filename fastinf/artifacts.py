@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,11 @@ from torch.utils.data import Dataset
 __all__ = [
     "ArtifactCorruptError",
     "ArtifactMismatchError",
+    "atomic_write",
+    "atomic_write_text",
     "check_provenance",
     "dataset_fingerprint",
+    "file_sha256",
     "load_artifact",
     "model_fingerprint",
     "save_artifact",
@@ -82,7 +86,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -90,23 +95,58 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a file so that a killed process leaves either the old file or the new one.
+
+    `write(tmp)` writes the content to a temporary path next to `path` (any writer that takes
+    a path: safetensors, faiss, numpy, text); the bytes are flushed to disk, then renamed
+    over `path`, and the rename is flushed too. Returns `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TEMPORARY_SUFFIX)
+    write(tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _sync_directory(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """`atomic_write` of a UTF-8 text file."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _sync_directory(directory: Path) -> None:
+    """Flush a directory's entries (the rename) to disk where the platform allows it."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
 def save_artifact(directory: str | os.PathLike, stem: str, tensors: dict[str, Tensor], meta: dict):
-    """Write `stem.safetensors` and `stem.json` (meta + checksum) atomically into `directory`."""
+    """Write `stem.safetensors`, then `stem.json` (meta + the tensors' checksum), each
+    atomically: a JSON file always describes the tensor file next to it, or is absent."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensor_path = directory / f"{stem}.safetensors"
-    tmp_tensors = tensor_path.with_suffix(".safetensors.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp_tensors))
-    record = {
-        "format_version": FORMAT_VERSION,
-        **meta,
-        "sha256": _file_sha256(tmp_tensors),
-    }
-    json_path = directory / f"{stem}.json"
-    tmp_json = json_path.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(record, indent=2, sort_keys=True))
-    os.replace(tmp_tensors, tensor_path)
-    os.replace(tmp_json, json_path)
+    tensor_path = atomic_write(
+        directory / f"{stem}.safetensors",
+        lambda tmp: save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp)
+        ),
+    )
+    record = {"format_version": FORMAT_VERSION, **meta, "sha256": file_sha256(tensor_path)}
+    atomic_write_text(directory / f"{stem}.json", json.dumps(record, indent=2, sort_keys=True))
 
 
 def load_artifact(directory: str | os.PathLike, stem: str) -> tuple[dict[str, Tensor], dict]:
@@ -129,7 +169,7 @@ def load_artifact(directory: str | os.PathLike, stem: str) -> tuple[dict[str, Te
             f"{json_path} has format version {meta.get('format_version')}, this fastinf reads "
             f"{FORMAT_VERSION}; recreate the artifact."
         )
-    if _file_sha256(tensor_path) != meta.get("sha256"):
+    if file_sha256(tensor_path) != meta.get("sha256"):
         raise ArtifactCorruptError(
             f"{tensor_path} does not match the checksum in {json_path.name}: the file is "
             "truncated or altered; recreate the artifact."

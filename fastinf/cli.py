@@ -18,12 +18,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from .artifacts import atomic_write_text
 from .config import CurvatureConfig, ScoreConfig
 from .data import ImageTensorDataset, load_digits_dataset
 from .engine import InfluenceEngine
 from .index.config import COMPRESSIONS, RANKINGS, SEARCHES, STORAGES, IndexConfig
 from .index.store import IndexStore
-from .models import default_schedule, load_digits_model, load_unet, schedule_from_sidecar
+from .models import (
+    DIGITS_STEPS,
+    default_schedule,
+    load_digits_model,
+    load_unet,
+    schedule_from_sidecar,
+)
 
 __all__ = ["main"]
 
@@ -112,7 +119,7 @@ def _cmd_topk(args) -> int:
     engine.load_curvature(args.curvature)
     rank = 0
     if args.index:
-        from .index import init_distributed
+        from .distributed import init_distributed
 
         # Under torchrun, each rank searches its own shards; rank 0 writes the result.
         rank, world = init_distributed()
@@ -137,7 +144,7 @@ def _cmd_topk(args) -> int:
         return 0
     text = json.dumps(result.to_dict(), indent=1)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
         print(f"top-{args.k} proponents and opponents of {queries.shape[0]} queries in {args.out}")
     else:
         print(text)
@@ -145,7 +152,7 @@ def _cmd_topk(args) -> int:
 
 
 def _cmd_index(args) -> int:
-    from .index import init_distributed
+    from .distributed import init_distributed
 
     rank, world = init_distributed()
     engine = _engine(args, _score_config(args))
@@ -233,7 +240,7 @@ def _cmd_lds(args) -> int:
     if args.counterfactual:
         rows += run.counterfactual(methods[0])
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        atomic_write_text(args.out, json.dumps(rows, indent=1))
         print(f"rows written to {args.out}")
     return 0
 
@@ -246,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train the default digits DDPM (reproduces the shipped weights)"
     )
     train.add_argument("--out", required=True)
-    train.add_argument("--steps", type=int, default=8000)
+    train.add_argument(
+        "--steps",
+        type=int,
+        default=DIGITS_STEPS,
+        help=f"optimiser steps (default {DIGITS_STEPS}, as the shipped weights were trained)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(run=_cmd_train)
 

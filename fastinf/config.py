@@ -10,7 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CurvatureConfig", "ScoreConfig", "config_from_dict"]
+__all__ = ["STRATEGY_NAMES", "CurvatureConfig", "ScoreConfig", "config_from_dict"]
+
+STRATEGY_NAMES = ("ekfac", "kfac", "identity", "trak")
+"""The curvature strategies (`fastinf.curvature.STRATEGIES` implements each)."""
 
 
 def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -73,7 +76,7 @@ class CurvatureConfig:
 
     def __post_init__(self) -> None:
         owner = "CurvatureConfig"
-        _check_choice(owner, "strategy", self.strategy, ("ekfac", "kfac", "identity", "trak"))
+        _check_choice(owner, "strategy", self.strategy, STRATEGY_NAMES)
         _check_choice(owner, "objective", self.objective, ("loss", "square_norm"))
         _check_positive(owner, "projection_dim", self.projection_dim)
         _check_choice(owner, "ggn", self.ggn, ("model", "loss"))

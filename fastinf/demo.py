@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .artifacts import atomic_write_text
 from .config import CurvatureConfig, ScoreConfig
 from .data import load_digits_dataset
 from .engine import InfluenceEngine
@@ -103,5 +104,5 @@ def run_demo(out_dir: str | Path, *, num_queries: int = 8, k: int = 6, seed: int
         "opponent_labels": labels[result.opponents.indices].tolist(),
         **result.to_dict(),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
     return summary

@@ -1,33 +1,37 @@
 """The engine a service loads once and calls many times, and `topk_influencers`.
 
-engine = InfluenceEngine(model, schedule, train_set)
-engine.fit()                                  # or engine.load_curvature(directory)
-result = engine.topk(generated_images, k=10)  # proponents and opponents per query
+    engine = InfluenceEngine(model, schedule, train_set)
+    engine.fit()                                   # or engine.load_curvature(directory)
+    result = engine.score(generated_images, k=10)  # proponents and opponents per query
+
+The engine is a facade over four steps, each its own object:
+
+    GradientSource   model + schedule + data + draws: every forward/backward pass
+      → Curvature    fit (`fastinf.curvature.STRATEGIES`) or load
+      → QueryPreparer  queries → (G + λI)⁻¹∇m, a `QueryCache`
+      → Scorer       `ExactScorer` (stream the training set) or, with an index loaded,
+                     `IndexScorer` (search + bounded exact re-rank through the exact scorer)
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .artifacts import check_provenance, dataset_fingerprint, model_fingerprint, tensor_fingerprint
 from .config import CurvatureConfig, ScoreConfig
-from .curvature import Curvature, LayerGrads, fit_curvature
-from .data import validate_images
-from .diffusion import NoiseSchedule, Purpose, resolve_measurement
-from .gradients import DrawSpec, ExampleBlock, PerExampleGradients, example_blocks, run_block
-from .kernels import empty_topk, topk_merge
-from .layers import capture_layers, find_layers
-from .models import as_eps_model
-from .progress import progress_bar
-from .scoring import InfluenceResult, QueryCache, ScoreAccumulator, TopK
+from .curvature import Curvature, fit_curvature, load_curvature, require_eigenbasis
+from .diffusion import NoiseSchedule
+from .index import IndexConfig, IndexScorer, TrainingIndex, build_index
+from .queries import QueryCache, QueryPreparer
+from .scoring import ExactScorer, InfluenceResult, Scorer
+from .source import GradientSource, LayerGrads
 
 __all__ = ["InfluenceEngine", "topk_influencers"]
 
@@ -57,58 +61,49 @@ class InfluenceEngine:
         sample_shape: tuple[int, int, int] | None = None,
         num_workers: int = 0,
     ):
-        self.model = as_eps_model(model)
-        self.schedule = schedule
-        self.train_set = train_set
-        self.config = config or ScoreConfig()
-        self.num_workers = num_workers
-        self.layers = find_layers(self.model)
-        first = train_set[0]
-        first_image = first[0] if isinstance(first, (tuple, list)) else first
-        self.sample_shape = tuple(
-            sample_shape or getattr(self.model, "sample_shape", None) or first_image.shape
+        self.source = GradientSource(
+            model, schedule, train_set, config, sample_shape=sample_shape, num_workers=num_workers
         )
-        validate_images(first_image, self.sample_shape, what="training image 0")
-        self.provenance = {
-            "model": model_fingerprint(self.model),
-            "dataset": dataset_fingerprint(train_set),
-            "schedule": schedule.fingerprint(),
-            "layers": list(self.layers),
-        }
         self.curvature: Curvature | None = None
-        self.index = None  # a fastinf.index.TrainingIndex after build_index / load_index
+        self.index: TrainingIndex | None = None  # searched by `score` while loaded
+
+    # -- what the engine is built on (the gradient source's) -------------------------------
+    model = property(lambda self: self.source.model)
+    schedule = property(lambda self: self.source.schedule)
+    train_set = property(lambda self: self.source.train_set)
+    layers = property(lambda self: self.source.layers)
+    sample_shape = property(lambda self: self.source.sample_shape)
+    provenance = property(lambda self: self.source.provenance)
+    device = property(lambda self: self.source.device)
+    dtype = property(lambda self: self.source.dtype)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def config(self) -> ScoreConfig:
+        return self.source.config
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+    @config.setter
+    def config(self, config: ScoreConfig) -> None:
+        self.source = self.source.with_config(config)
 
     # -- curvature -------------------------------------------------------------------------
     def fit(
-        self, config: CurvatureConfig | None = None, indices: list[int] | None = None
+        self, config: CurvatureConfig | None = None, indices: Sequence[int] | None = None
     ) -> Curvature:
-        """Fit (E)K-FAC on the training set (or the examples `indices`) and keep it."""
-        self.curvature = fit_curvature(
-            self.model,
-            self.layers,
-            self.schedule,
-            self.train_set,
-            config or CurvatureConfig(),
-            provenance=self.provenance,
-            indices=indices,
-            num_workers=self.num_workers,
-        )
+        """Fit the curvature (`CurvatureConfig.strategy`, default EK-FAC) on the training
+        set (or the examples `indices`) and keep it; a loaded index is unloaded."""
+        self.curvature = fit_curvature(self.source, config, indices)
+        self.index = None
         return self.curvature
 
     def save_curvature(self, directory: str | os.PathLike) -> None:
         self._require_curvature().save(directory)
 
     def load_curvature(self, directory: str | os.PathLike) -> Curvature:
-        """Load a curvature saved by `save_curvature`; it must match this model and dataset."""
-        self.curvature = Curvature.load(directory, self.provenance, self.layers).to(self.device)
+        """Load a curvature saved by `save_curvature`; it must match this model and dataset.
+        A loaded index is unloaded."""
+        curvature = load_curvature(directory, self.provenance, self.layers)
+        self.curvature = curvature.to(self.device)
+        self.index = None
         return self.curvature
 
     def _require_curvature(self) -> Curvature:
@@ -119,39 +114,39 @@ class InfluenceEngine:
         return self.curvature
 
     # -- index -----------------------------------------------------------------------------
-    def build_index(self, directory: str | os.PathLike, config=None, **options):
-        """Build (or resume) the persistent index of the training set in `directory` and
-        use it for `score` (`fastinf.index.build_index`; config: `IndexConfig`)."""
-        from .index import build_index
+    def build_index(
+        self,
+        directory: str | os.PathLike,
+        config: IndexConfig | None = None,
+        *,
+        indices: Sequence[int] | None = None,
+        overwrite: bool = False,
+        load: bool = True,
+    ) -> TrainingIndex | None:
+        """Build (or resume) the persistent index of the training set in `directory`
+        (`fastinf.index.build_index`) and, unless `load=False`, load it for `score`."""
+        curvature = self._require_curvature()
+        build_index(self.source, curvature, directory, config, indices=indices, overwrite=overwrite)
+        return self.load_index(directory, verify=False) if load else None
 
-        self.index = build_index(self, directory, config, **options)
-        return self.index
-
-    def load_index(self, directory: str | os.PathLike, **options):
+    def load_index(
+        self, directory: str | os.PathLike, *, verify: bool = True, sharded: bool = False
+    ) -> TrainingIndex:
         """Load an index built for this model, data, curvature and ScoreConfig; `score`
         then searches it instead of streaming the training set (`unload_index` undoes).
-        Options: `verify`, `sharded` (`fastinf.index.TrainingIndex.load`)."""
-        from .index import TrainingIndex
-
-        self.index = TrainingIndex.load(directory, self, **options)
-        return self.index
+        `verify`: check every file's checksum; `sharded`: under torch.distributed, hold
+        only this rank's shards (`fastinf.index.TrainingIndex.load`)."""
+        index = TrainingIndex.load(
+            directory, self.source, self._require_curvature(), verify=verify, sharded=sharded
+        )
+        IndexScorer(index, self._exact())  # refuses an index of other draws or damping now
+        self.index = index
+        return index
 
     def unload_index(self) -> None:
         self.index = None
 
     # -- queries ---------------------------------------------------------------------------
-    def _query_block(self, queries: Tensor, cond: Tensor | int | None) -> ExampleBlock:
-        images = validate_images(queries, self.sample_shape, what="queries")
-        images = images.to(self.device, self.dtype)
-        if cond is not None:
-            cond = torch.as_tensor(cond, dtype=torch.int64).reshape(-1).expand(images.shape[0])
-            cond = cond.to(self.device)
-        ids = [
-            _content_id(images[row], None if cond is None else int(cond[row]))
-            for row in range(images.shape[0])
-        ]
-        return ExampleBlock(torch.tensor(ids, dtype=torch.int64), images, cond)
-
     def query_gradients(self, queries: Tensor, cond=None) -> LayerGrads:
         """∇m(θ, x_q) of the configured measurement over K_q draws, per tracked layer.
 
@@ -159,82 +154,46 @@ class InfluenceEngine:
             queries: [Q, C, H, W] (or one [C, H, W]) generated samples in the model's range.
             cond: class labels [Q] (or one int) for a class-conditional model.
         """
-        block = self._query_block(queries, cond)
-        return self._gradients(block, self._query_spec(), self._measurement())
+        return self.source.query_gradients(queries, cond)
 
-    def _measurement(self):
-        cfg = self.config
-        return resolve_measurement(cfg.measurement, cfg.t_min, cfg.t_max)
-
-    def _query_spec(self) -> DrawSpec:
-        t_range = self._measurement().timestep_range(self.schedule.num_timesteps)
-        return DrawSpec(
-            Purpose.QUERY_GRADIENT, self.config.query_draws, self.config.seed, 0, t_range
-        )
-
-    def _gradients(self, block: ExampleBlock, spec: DrawSpec, measurement) -> LayerGrads:
-        consumer = PerExampleGradients(self.layers)
-        with self._eval(), capture_layers(self.layers, consumer) as capture:
-            run_block(
-                capture,
-                consumer,
-                self.model,
-                self.schedule,
-                block,
-                measurement,
-                spec,
-                self.config.batch_size,
-            )
-        return consumer.grads()
+    def query_ids(self, queries: Tensor, cond=None) -> Tensor:
+        """The content ids [Q] that seed each query's draws (independent of batching)."""
+        return self.source.query_block(queries, cond).ids
 
     def query_meta(self) -> dict:
-        curvature = self._require_curvature()
-        return {
-            "score_config": self.config.query_fingerprint(),
-            "curvature": curvature.config.fingerprint(),
-            **self.provenance,
-        }
+        """What a query cache prepared by this engine depends on."""
+        return self._preparer().meta()
 
     def prepare_queries(self, queries: Tensor, cond=None) -> QueryCache:
         """Query gradients, preconditioned by (G + λI)⁻¹ once and cached for scoring."""
-        self._require_curvature()
-        block = self._query_block(queries, cond)
-        parts = []
-        step = self.config.query_batch_size
-        for start in range(0, block.ids.numel(), step):
-            part = slice(start, start + step)
-            sub = ExampleBlock(
-                block.ids[part],
-                block.images[part],
-                None if block.cond is None else block.cond[part],
-            )
-            grads = self._gradients(sub, self._query_spec(), self._measurement())
-            parts.append(self.precondition_queries(grads, sub.ids))
-        return QueryCache.concat(parts)
+        return self._preparer().prepare(queries, cond)
 
     def precondition_queries(self, grads: LayerGrads, query_ids: Tensor) -> QueryCache:
         """Cache (G + λI)⁻¹ ∇m for query gradients from `query_gradients` (ids: their
         `query_ids`), e.g. to precondition one set of gradients at several dampings."""
-        curvature = self._require_curvature()
-        pre = curvature.precondition(grads, self.config.damping, self.config.damping_mode)
-        pre = {
-            n: (w.to(self.dtype), None if b is None else b.to(self.dtype))
-            for n, (w, b) in pre.items()
-        }
-        return QueryCache(pre, query_ids, self.query_meta())
+        return self._preparer().precondition(grads, query_ids)
 
-    def query_ids(self, queries: Tensor, cond=None) -> Tensor:
-        """The content ids [Q] that seed each query's draws (independent of batching)."""
-        return self._query_block(queries, cond).ids
+    def _preparer(self) -> QueryPreparer:
+        return QueryPreparer(self.source, self._require_curvature())
 
     # -- scoring ---------------------------------------------------------------------------
+    @property
+    def scorer(self) -> Scorer:
+        """What `score` asks: the index scorer while an index is loaded, else the exact one."""
+        exact = self._exact()
+        return exact if self.index is None else IndexScorer(self.index, exact)
+
+    def _exact(self) -> ExactScorer:
+        preparer = None if self.curvature is None else self._preparer()
+        return ExactScorer(self.source, preparer)
+
     def score(
         self,
         queries: Tensor | QueryCache,
         k: int = 10,
         *,
         cond=None,
-        indices: list[int] | None = None,
+        indices: Sequence[int] | None = None,
         return_scores: bool = False,
         exact_rerank: int | None = None,
         rerank_sigmas: float | None = None,
@@ -249,170 +208,63 @@ class InfluenceEngine:
         With an index loaded (`load_index`) and no `indices`, the index is searched instead
         (scores ≈ τ; `return_scores` gives the index scores in index row order);
         `exact_rerank=C` re-scores the uncertain among every query's top-C candidates
-        exactly, `rerank_sigmas` sets how sure the rest must be (`TrainingIndex.topk`).
+        exactly, `rerank_sigmas` sets how sure the rest must be (`IndexScorer.topk`).
         """
-        if self.index is not None and indices is None:
-            return self.index.topk(
-                self,
-                queries,
-                k,
-                cond=cond,
-                exact_rerank=exact_rerank,
-                rerank_sigmas=rerank_sigmas,
-                return_scores=return_scores,
-            )
-        cache = queries if isinstance(queries, QueryCache) else self.prepare_queries(queries, cond)
-        if isinstance(queries, QueryCache):
-            check_provenance("query cache", cache.meta, self.query_meta())
-        total = len(self.train_set) if indices is None else len(indices)
-        k = min(k, total)
-        top = empty_topk(cache.num_queries, k, largest=True, dtype=torch.float64)
-        bottom = empty_topk(cache.num_queries, k, largest=False, dtype=torch.float64)
-        columns, seen = [], 0
-        for block_scores in self._stream_scores(cache, indices, self._train_spec()):
-            # The running top-k holds positions in the scoring order; ties go to the earlier.
-            top = topk_merge(*top, block_scores, seen, largest=True)
-            bottom = topk_merge(*bottom, block_scores, seen, largest=False)
-            if return_scores:
-                columns.append(block_scores.T.clone())
-            seen += block_scores.shape[0]
-        scores = torch.cat(columns, dim=1) if return_scores else None
-        order = (
-            torch.arange(total) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+        return self.scorer.topk(
+            queries,
+            k,
+            cond=cond,
+            indices=indices,
+            return_scores=return_scores,
+            exact_rerank=exact_rerank,
+            rerank_sigmas=rerank_sigmas,
         )
-        proponents, opponents = (
-            TopK(torch.where(pos >= 0, order[pos.clamp_min(0)], -1), values)
-            for values, pos in (top, bottom)
-        )
-        return InfluenceResult(proponents, opponents, scores, cache.query_ids)
 
     def score_matrices(
         self,
         caches: list[QueryCache],
         *,
-        indices: list[int] | None = None,
+        indices: Sequence[int] | None = None,
         draw_offset: int = 0,
         num_draws: int | None = None,
     ) -> list[Tensor]:
-        """Full score matrices [Q_i, N] of several query caches in one pass over the data.
-
-        The caches may come from different curvatures, dampings or measurements (a damping
-        sweep, the baselines of an evaluation) as long as they were prepared for this model
-        and training set: the train gradients are computed once and contracted with all of
-        them. Train gradients are the mean over draws `draw_offset .. draw_offset +
-        num_draws - 1` (default: the configured K from 0), so disjoint draw ranges can be
-        scored separately and averaged, weighted by their draw counts, into any K.
-        """
-        for cache in caches:
-            meta = {key: cache.meta.get(key) for key in self.provenance}
-            check_provenance("query cache", meta, self.provenance)
-        joined = QueryCache.concat(caches)
-        spec = self._train_spec(draw_offset, num_draws)
-        columns = [block.T for block in self._stream_scores(joined, indices, spec)]
-        matrix = torch.cat(columns, dim=1)
-        return list(matrix.split([cache.num_queries for cache in caches]))
-
-    def _train_spec(self, draw_offset: int = 0, num_draws: int | None = None) -> DrawSpec:
-        count = self.config.train_draws if num_draws is None else num_draws
-        return DrawSpec(Purpose.TRAIN_GRADIENT, count, self.config.seed, draw_offset)
-
-    def _stream_scores(self, cache: QueryCache, indices: list[int] | None, spec: DrawSpec):
-        """Yield the [B, Q] float64 scores of each block of training examples, in order."""
-        total = len(self.train_set) if indices is None else len(indices)
-        accumulator = ScoreAccumulator(self.layers, cache)
-        objective = resolve_measurement(self.config.train_objective)
-        with (
-            self._eval(),
-            capture_layers(self.layers, accumulator) as capture,
-            progress_bar(total, "score train") as bar,
-        ):
-            for block in example_blocks(
-                self.train_set, self.config.block_size, indices, self.num_workers
-            ):
-                block = self._train_block(block)
-                run_block(
-                    capture,
-                    accumulator,
-                    self.model,
-                    self.schedule,
-                    block,
-                    objective,
-                    spec,
-                    self.config.batch_size,
-                )
-                yield accumulator.scores
-                bar.update(block.ids.numel())
+        """Full score matrices [Q_i, N] of several query caches in one pass over the data
+        (`ExactScorer.score_matrices`: caches of other curvatures or dampings welcome)."""
+        return self._exact().score_matrices(
+            caches, indices=indices, draw_offset=draw_offset, num_draws=num_draws
+        )
 
     def with_config(self, curvature: Curvature | None = None, **changes) -> InfluenceEngine:
         """A view of this engine (same model and data) with `ScoreConfig` fields changed
-        and, if given, another fitted curvature; the original engine is left as it was."""
+        and, if given, another fitted curvature (which unloads the index in the view); the
+        original engine is left as it was."""
         view = copy.copy(self)
         view.config = dataclasses.replace(self.config, **changes)
         if curvature is not None:
-            view.curvature = curvature
+            view.curvature, view.index = curvature, None
         return view
 
-    topk = score
-
-    def _train_block(self, block: ExampleBlock) -> ExampleBlock:
-        images = block.images
-        if images.shape[1:] != self.sample_shape or not images.is_floating_point():
-            validate_images(images, self.sample_shape, what=f"training examples {block.ids[0]}..")
-        bad = ~torch.isfinite(images.flatten(1)).all(1)
-        if bool(bad.any()):
-            raise ValueError(
-                f"training examples {block.ids[bad].tolist()} contain NaN/Inf pixels; clean or "
-                "drop them (pass `indices=` to skip them)."
-            )
-        return ExampleBlock(block.ids, images.to(self.device, self.dtype), block.cond)
-
-    def train_gradients(self, indices: list[int]) -> LayerGrads:
+    # -- training examples -----------------------------------------------------------------
+    def train_gradients(self, indices: Sequence[int]) -> LayerGrads:
         """∇ℓ(θ, x_n) for the given training examples (K draws each), materialised."""
-        block = self._train_block(next(example_blocks(self.train_set, len(indices), indices)))
-        objective = resolve_measurement(self.config.train_objective)
-        return self._gradients(block, self._train_spec(), objective)
+        return self.source.train_gradients(indices)
 
-    def self_influence(self, indices: list[int] | None = None) -> Tensor:
+    def self_influence(self, indices: Sequence[int] | None = None) -> Tensor:
         """τ(n, n) = ∇ℓ_nᵀ (G + λI)⁻¹ ∇ℓ_n for each training example, [N] float64."""
-        curvature = self._require_curvature()
+        curvature = require_eigenbasis(self._require_curvature(), "self-influence")
+        config = self.config
         order = list(range(len(self.train_set))) if indices is None else list(indices)
         values = []
-        step = self.config.block_size
-        for start in range(0, len(order), step):
-            grads = self.train_gradients(order[start : start + step])
-            projected = curvature.project(grads)
+        for start in range(0, len(order), config.block_size):
+            grads = self.train_gradients(order[start : start + config.block_size])
             total = 0.0
-            for name, (weight, bias) in projected.items():
-                inv_w, inv_b = curvature.inverse_damped(
-                    name, self.config.damping, self.config.damping_mode
-                )
+            for name, (weight, bias) in curvature.rotate(grads).items():
+                inv_w, inv_b = curvature.inverse_damped(name, config.damping, config.damping_mode)
                 total = total + (weight.square() * inv_w).flatten(1).sum(1)
                 if bias is not None:
                     total = total + (bias.square() * inv_b).sum(1)
             values.append(total.cpu())
         return torch.cat(values)
-
-    def _eval(self):
-        return _EvalMode(self.model)
-
-
-def _content_id(image: Tensor, label: int | None) -> int:
-    """A 28-bit id from a query's pixels (and label): it seeds the query's draws, so a
-    query's gradient never depends on which other queries share its batch."""
-    key = tensor_fingerprint(image) + ("" if label is None else f":{label}")
-    return int(hashlib.sha256(key.encode()).hexdigest()[:7], 16)
-
-
-class _EvalMode:
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
 
 
 _DEFAULT_ENGINE: InfluenceEngine | None = None

@@ -19,8 +19,9 @@ from scipy.stats import rankdata
 from torch import Tensor, nn
 
 from .data import batch_cond
-from .diffusion import NoiseSchedule, Purpose, make_draws, resolve_measurement
-from .models import as_eps_model
+from .diffusion import NoiseSchedule, Purpose, resolve_measurement
+from .gradients import DrawSpec, ExampleBlock, draw_passes, forward_draws
+from .models import as_eps_model, eval_mode
 
 __all__ = [
     "LDSResult",
@@ -140,33 +141,19 @@ def measure_queries(
     measure = resolve_measurement(measurement)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    was_training = model.training
-    model.eval()
     t_range = measure.timestep_range(schedule.num_timesteps)
     totals = torch.zeros(queries.shape[0], dtype=torch.float64)
-    per_pass = max(1, batch_size // num_draws)
-    draw_chunk = min(num_draws, batch_size)
-    for start in range(0, queries.shape[0], per_pass):
-        rows = torch.arange(start, min(start + per_pass, queries.shape[0]))
-        for offset in range(0, num_draws, draw_chunk):
-            draw_ids = torch.arange(offset, min(offset + draw_chunk, num_draws))
-            draws = make_draws(
-                rows,
-                draw_ids,
-                tuple(queries.shape[1:]),
-                num_timesteps=schedule.num_timesteps,
-                purpose=Purpose.EVALUATION,
-                seed=seed,
-                t_range=t_range,
-                dtype=dtype,
-            )
-            count = draw_ids.numel()
-            x0 = queries[rows].to(device, dtype).repeat_interleave(count, dim=0)
-            noise = draws.noise.flatten(0, 1).to(device)
-            timesteps = draws.timesteps.flatten().to(device)
-            labels = None if cond is None else batch_cond(cond[rows].repeat_interleave(count))
-            eps_pred = model(schedule.add_noise(x0, noise, timesteps), timesteps, labels)
+    # Draws are keyed by the query's position, so any batching sees the same (t, ε).
+    block = ExampleBlock(
+        torch.arange(queries.shape[0]),
+        queries.to(device, dtype),
+        None if cond is None else batch_cond(torch.as_tensor(cond)),
+    )
+    spec = DrawSpec(Purpose.EVALUATION, num_draws, seed, 0, t_range)
+    with eval_mode(model):
+        for offset, part, part_spec in draw_passes(block, spec, batch_size):
+            eps_pred, noise, timesteps = forward_draws(model, schedule, part, part_spec)
             values = measure.per_draw(eps_pred, noise, timesteps, schedule).double().cpu()
-            totals[rows] += values.reshape(rows.numel(), count).sum(1)
-    model.train(was_training)
+            rows = slice(offset, offset + part.ids.numel())
+            totals[rows] += values.reshape(part.ids.numel(), part_spec.num_draws).sum(1)
     return totals / num_draws

@@ -27,6 +27,8 @@ __all__ = [
     "backprop_objective",
     "draw_passes",
     "example_blocks",
+    "forward_draws",
+    "predict_noise",
     "run_block",
 ]
 
@@ -103,10 +105,33 @@ def example_blocks(
         yield ExampleBlock(ids, images, cond)
 
 
-def _forward_draws(
+def predict_noise(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    cond: Tensor | None,
+) -> Tensor:
+    """ε̂ = model(x_t, t, cond) at x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, checked to have x_t's shape."""
+    x_t = schedule.add_noise(x0, noise, timesteps)
+    eps_pred = model(x_t, timesteps, cond)
+    if eps_pred.shape != x_t.shape:
+        raise ValueError(
+            f"the model returned shape {tuple(eps_pred.shape)} for inputs {tuple(x_t.shape)}; "
+            "fastinf needs an ε-prediction model whose output has the input's shape."
+        )
+    return eps_pred
+
+
+def forward_draws(
     model: nn.Module, schedule: NoiseSchedule, block: ExampleBlock, spec: DrawSpec
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Predicted noise, true noise [B·K, C, H, W] and timesteps [B·K] for a block's draws."""
+    """Predicted noise, true noise [B·K, C, H, W] and timesteps [B·K] for a block's draws.
+
+    The one forward over draws: draw k of example b (item b·K + k) is `make_draws` of the
+    example's id and draw id, so it depends on neither batching nor device.
+    """
     images, num_draws = block.images, spec.num_draws
     draws = make_draws(
         block.ids,
@@ -121,15 +146,8 @@ def _forward_draws(
     noise = draws.noise.to(images.device).flatten(0, 1)
     timesteps = draws.timesteps.to(images.device).flatten()
     x0 = images.repeat_interleave(num_draws, dim=0)
-    x_t = schedule.add_noise(x0, noise, timesteps)
     cond = None if block.cond is None else block.cond.repeat_interleave(num_draws).to(images.device)
-    eps_pred = model(x_t, timesteps, cond)
-    if eps_pred.shape != x_t.shape:
-        raise ValueError(
-            f"the model returned shape {tuple(eps_pred.shape)} for inputs {tuple(x_t.shape)}; "
-            "fastinf needs an ε-prediction model whose output has the input's shape."
-        )
-    return eps_pred, noise, timesteps
+    return predict_noise(model, schedule, x0, noise, timesteps, cond), noise, timesteps
 
 
 def backprop_objective(
@@ -147,7 +165,7 @@ def backprop_objective(
     With all of an example's `total_draws` draws split over one or more passes, the rows of
     each example sum to the gradient of its mean-over-draws estimate.
     """
-    eps_pred, noise, timesteps = _forward_draws(model, schedule, block, spec)
+    eps_pred, noise, timesteps = forward_draws(model, schedule, block, spec)
     values = measurement.per_draw(eps_pred, noise, timesteps, schedule)
     total = values.sum() / total_draws
     capture.backward(total, torch.ones_like(total))
@@ -176,7 +194,7 @@ def backprop_curvature_seed(
             block.images.repeat_interleave(num_pixels, dim=0),
             None if block.cond is None else block.cond.repeat_interleave(num_pixels),
         )
-        eps_pred, _, _ = _forward_draws(model, schedule, replicated, spec)
+        eps_pred, _, _ = forward_draws(model, schedule, replicated, spec)
         # Item (b, i, k) = direction i of draw k of example b: draws must not depend on i,
         # so ids were repeated (same draws); each replica gets one basis direction.
         eye = torch.eye(num_pixels, dtype=eps_pred.dtype, device=eps_pred.device)
@@ -184,7 +202,7 @@ def backprop_curvature_seed(
         seed = math.sqrt(2.0 / num_pixels) * directions.reshape(eps_pred.shape)
         capture.backward(eps_pred, seed)
         return
-    eps_pred, noise, _ = _forward_draws(model, schedule, block, spec)
+    eps_pred, noise, _ = forward_draws(model, schedule, block, spec)
     if ggn == "model":
         eta = output_noise(
             block.ids,

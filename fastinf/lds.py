@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .artifacts import atomic_write, atomic_write_text
 from .config import CurvatureConfig, ScoreConfig
 from .curvature import as_kfac
 from .data import ImageTensorDataset, load_digits_dataset
@@ -127,10 +128,7 @@ def _curvature_key(config: CurvatureConfig) -> str:
 
 def _save_tensor(path: Path, name: str, tensor: Tensor) -> None:
     """Write one tensor to `path` atomically (a killed run never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.stem + ".partial.safetensors")
-    save_file({name: tensor.contiguous()}, str(partial))
-    os.replace(partial, path)
+    atomic_write(path, lambda tmp: save_file({name: tensor.contiguous()}, str(tmp)))
 
 
 class LDSRun:
@@ -160,7 +158,7 @@ class LDSRun:
                     f"({found}); use a new --run-dir or the same settings."
                 )
         else:
-            setup.write_text(json.dumps(recorded, indent=1) + "\n")
+            atomic_write_text(setup, json.dumps(recorded, indent=1) + "\n")
         generator = torch.Generator().manual_seed(config.seed)
         digits = load_digits_dataset()
         if not 1 < config.num_train <= len(digits):
@@ -317,7 +315,7 @@ class LDSRun:
                 train_draws=method.train_draws, train_objective=method.train_objective
             )
             built = view.build_index(self.run_dir / "index" / key, index)
-            vectors, _ = built.query_vectors(view, self.queries())
+            vectors, _ = view.scorer.query_vectors(self.queries())
             scores = torch.empty(vectors.shape[0], built.num_examples, dtype=torch.float64)
             scores[:, built.order] = built.scores(vectors)
             _save_tensor(path, "scores", scores)

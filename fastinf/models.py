@@ -14,6 +14,8 @@ sidecar with the same stem holding the UNet config, the noise schedule and prove
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,7 +23,8 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fastinf.diffusion import NoiseSchedule
+from .artifacts import atomic_write, atomic_write_text
+from .diffusion import NoiseSchedule
 
 __all__ = [
     "DIGITS_WEIGHTS_PATH",
@@ -38,6 +41,7 @@ __all__ = [
 ]
 
 DIGITS_WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "digits_unet.safetensors"
+DIGITS_STEPS = 5000  # optimiser steps of the shipped weights (their sidecar records them)
 
 
 class DiffusersEpsModel(nn.Module):
@@ -88,6 +92,17 @@ class DiffusersEpsModel(nn.Module):
                 "use a labelled dataset or pass cond=... to the sampler."
             )
         return self.unet(x_t, timesteps, class_labels=cond).sample
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode inside the block, back in its previous mode after, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def as_eps_model(model: nn.Module) -> nn.Module:
@@ -163,17 +178,14 @@ def save_unet(unet: UNet2DModel | DiffusersEpsModel, weights_path, metadata: dic
     """
     unet = unet.unet if isinstance(unet, DiffusersEpsModel) else unet
     weights_path = Path(weights_path)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         name: tensor.detach().to("cpu", torch.float32).contiguous()
         for name, tensor in unet.state_dict().items()
     }
-    save_file(state, str(weights_path))
+    atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
     config = {key: value for key, value in unet.config.items() if not key.startswith("_")}
     sidecar = {"unet_config": config, **metadata}
-    sidecar_path = _sidecar_path(weights_path)
-    sidecar_path.write_text(json.dumps(sidecar, indent=2, sort_keys=False) + "\n")
-    return sidecar_path
+    return atomic_write_text(_sidecar_path(weights_path), json.dumps(sidecar, indent=2) + "\n")
 
 
 def load_sidecar(weights_path) -> dict:

@@ -23,6 +23,7 @@ from diffusers import UNet2DModel
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from .artifacts import atomic_write_text
 from .diffusion import NoiseSchedule
 from .evaluation import measure_queries
 from .models import load_sidecar, load_unet, save_unet
@@ -109,11 +110,8 @@ def _train_one(
             seed=probe.seed,
         )
         metadata["measurements"] = {probe.key(): values.tolist()}
-    final = Path(path)
-    partial = final.with_name(final.stem + ".partial.safetensors")
-    sidecar = save_unet(ema_model, partial, metadata)
-    os.replace(partial, final)
-    os.replace(sidecar, final.with_suffix(".json"))
+    # The weights land before their sidecar: a run killed in between is not `is_trained`.
+    save_unet(ema_model, path, metadata)
     return job.name
 
 
@@ -223,9 +221,7 @@ class ModelStore:
                 )
                 recorded = values.tolist()
                 sidecar.setdefault("measurements", {})[probe.key()] = recorded
-                partial = path.with_name(path.stem + ".partial.json")
-                partial.write_text(json.dumps(sidecar, indent=2) + "\n")
-                os.replace(partial, path.with_suffix(".json"))
+                atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
             rows.append(torch.tensor(recorded, dtype=torch.float64))
         return torch.stack(rows)
 

@@ -9,74 +9,21 @@ per-example gradient of the whole model ever exists in memory. Positive τ: a pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from .artifacts import check_provenance, load_artifact, save_artifact
-from .curvature import LayerGrads
+from .artifacts import check_provenance
 from .gradients import BlockConsumer
-from .kernels import score_params
+from .kernels import empty_topk, score_params, topk_merge
 from .layers import LayerCall
+from .queries import QueryCache, QueryPreparer, stack_layers
+from .source import GradientSource, LayerGrads
 
-__all__ = ["InfluenceResult", "QueryCache", "ScoreAccumulator", "TopK"]
-
-
-@dataclass
-class QueryCache:
-    """Preconditioned query gradients (G + λI)⁻¹∇m, one row per query, per tracked layer.
-
-    `preconditioned[name]` = (weight [Q, d_out, d_in], bias [Q, d_out] or None);
-    `query_ids` [Q] are the content hashes that seeded each query's draws;
-    `meta` records the measurement, draws, damping and what the curvature was fitted on.
-    """
-
-    preconditioned: LayerGrads
-    query_ids: Tensor
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_queries(self) -> int:
-        return int(self.query_ids.numel())
-
-    def select(self, rows: slice | Tensor) -> QueryCache:
-        """A cache holding only the given queries (for query chunking)."""
-        chosen = {
-            name: (weight[rows], None if bias is None else bias[rows])
-            for name, (weight, bias) in self.preconditioned.items()
-        }
-        return QueryCache(chosen, self.query_ids[rows], dict(self.meta))
-
-    @staticmethod
-    def concat(caches: list[QueryCache]) -> QueryCache:
-        names = list(caches[0].preconditioned)
-        joined = {}
-        for name in names:
-            weights = torch.cat([c.preconditioned[name][0] for c in caches])
-            biases = [c.preconditioned[name][1] for c in caches]
-            joined[name] = (weights, None if biases[0] is None else torch.cat(biases))
-        return QueryCache(joined, torch.cat([c.query_ids for c in caches]), dict(caches[0].meta))
-
-    def save(self, directory) -> None:
-        """Write `queries.safetensors` + `queries.json`."""
-        tensors = {"query_ids": self.query_ids}
-        for name, (weight, bias) in self.preconditioned.items():
-            tensors[f"{name}::weight"] = weight
-            if bias is not None:
-                tensors[f"{name}::bias"] = bias
-        save_artifact(
-            directory, "queries", tensors, {"meta": self.meta, "layers": list(self.preconditioned)}
-        )
-
-    @classmethod
-    def load(cls, directory, expected_meta: dict | None = None) -> QueryCache:
-        """Load a query cache; check it matches the engine's curvature and score config."""
-        tensors, record = load_artifact(directory, "queries")
-        if expected_meta is not None:
-            check_provenance("query cache", record["meta"], expected_meta)
-        layers = {n: (tensors[f"{n}::weight"], tensors.get(f"{n}::bias")) for n in record["layers"]}
-        return cls(layers, tensors["query_ids"], record["meta"])
+__all__ = ["ExactScorer", "InfluenceResult", "ScoreAccumulator", "Scorer", "TopK"]
 
 
 class ScoreAccumulator(BlockConsumer):
@@ -89,16 +36,17 @@ class ScoreAccumulator(BlockConsumer):
     backward-layer order.
     """
 
-    def __init__(self, layers, cache: QueryCache):
-        self.cache = cache
+    def __init__(self, layers, preconditioned: LayerGrads):
+        self.preconditioned = preconditioned
+        self.num_queries = next(iter(preconditioned.values()))[0].shape[0]
         super().__init__(layers)
 
     def reset(self, num_examples: int) -> None:
         super().reset(num_examples)
-        self.scores = torch.zeros(num_examples, self.cache.num_queries, dtype=torch.float64)
+        self.scores = torch.zeros(num_examples, self.num_queries, dtype=torch.float64)
 
     def __call__(self, name: str, call: LayerCall) -> None:
-        query_weight, query_bias = self.cache.preconditioned[name]
+        query_weight, query_bias = self.preconditioned[name]
         if call.info.kind == "conv2d":
             # Unfolding a convolution's input costs more than the whole backward pass, so
             # its per-example gradients come from the grouped weight-gradient convolution.
@@ -156,3 +104,125 @@ class InfluenceResult:
             "proponents": self.proponents.to_lists(),
             "opponents": self.opponents.to_lists(),
         }
+
+
+class Scorer(Protocol):
+    """What answers `engine.score`: top-k proponents and opponents of each query."""
+
+    def topk(
+        self,
+        queries: Tensor | QueryCache,
+        k: int = 10,
+        *,
+        cond=None,
+        indices: Sequence[int] | None = None,
+        return_scores: bool = False,
+        exact_rerank: int | None = None,
+        rerank_sigmas: float | None = None,
+    ) -> InfluenceResult: ...
+
+
+class ExactScorer:
+    """Exact τ against every training example, train gradients streamed block by block.
+
+    Train gradients (K = `ScoreConfig.train_draws` draws each) are computed in blocks of
+    `block_size` examples and contracted with every cached query as the backward pass
+    delivers each layer; memory is O(block), not O(N). Scores are exact, so the re-rank
+    options of `Scorer.topk` have nothing to do here.
+    """
+
+    def __init__(self, source: GradientSource, preparer: QueryPreparer | None):
+        self.source = source
+        self.preparer = preparer  # None: no curvature yet, only `score_matrices` of caches
+
+    def _prepared(self, queries: Tensor | QueryCache, cond) -> QueryCache:
+        if self.preparer is None:
+            raise RuntimeError(
+                "no curvature: call engine.fit() or engine.load_curvature(directory) first."
+            )
+        return self.preparer.prepare(queries, cond)
+
+    def topk(
+        self,
+        queries: Tensor | QueryCache,
+        k: int = 10,
+        *,
+        cond=None,
+        indices: Sequence[int] | None = None,
+        return_scores: bool = False,
+        exact_rerank: int | None = None,
+        rerank_sigmas: float | None = None,
+    ) -> InfluenceResult:
+        """Score every training example (or `indices`) against the queries; keep the top-k.
+
+        Returns top-k proponents and opponents per query, and the full [Q, N] score matrix
+        (columns in the order of `indices`, default dataset order) if `return_scores`.
+        """
+        cache = self._prepared(queries, cond)
+        total = len(self.source.train_set) if indices is None else len(indices)
+        k = min(k, total)
+        top = empty_topk(cache.num_queries, k, largest=True, dtype=torch.float64)
+        bottom = empty_topk(cache.num_queries, k, largest=False, dtype=torch.float64)
+        columns, seen = [], 0
+        spec = self.source.train_spec()
+        for block_scores in self.stream(cache.preconditioned, indices, spec):
+            # The running top-k holds positions in the scoring order; ties go to the earlier.
+            top = topk_merge(*top, block_scores, seen, largest=True)
+            bottom = topk_merge(*bottom, block_scores, seen, largest=False)
+            if return_scores:
+                columns.append(block_scores.T.clone())
+            seen += block_scores.shape[0]
+        scores = torch.cat(columns, dim=1) if return_scores else None
+        order = (
+            torch.arange(total) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+        )
+        proponents, opponents = (
+            TopK(torch.where(pos >= 0, order[pos.clamp_min(0)], -1), values)
+            for values, pos in (top, bottom)
+        )
+        return InfluenceResult(proponents, opponents, scores, cache.query_ids)
+
+    def scores(self, cache: QueryCache, examples: Sequence[int]) -> Tensor:
+        """τ [Q, len(examples)] float64 of a prepared cache against chosen examples."""
+        self._prepared(cache, None)
+        return self._matrix(cache.preconditioned, examples, self.source.train_spec())
+
+    def score_matrices(
+        self,
+        caches: list[QueryCache],
+        *,
+        indices: Sequence[int] | None = None,
+        draw_offset: int = 0,
+        num_draws: int | None = None,
+    ) -> list[Tensor]:
+        """Full score matrices [Q_i, N] of several query caches in one pass over the data.
+
+        The caches may come from different curvatures, dampings or measurements (a damping
+        sweep, the baselines of an evaluation) as long as they were prepared for this model
+        and training set: the train gradients are computed once and contracted with all of
+        them. Train gradients are the mean over draws `draw_offset .. draw_offset +
+        num_draws - 1` (default: the configured K from 0), so disjoint draw ranges can be
+        scored separately and averaged, weighted by their draw counts, into any K.
+        """
+        provenance = self.source.provenance
+        for cache in caches:
+            meta = {key: cache.meta.get(key) for key in provenance}
+            check_provenance("query cache", meta, provenance)
+        joined = stack_layers([cache.preconditioned for cache in caches])
+        spec = self.source.train_spec(draw_offset, num_draws)
+        matrix = self._matrix(joined, indices, spec)
+        return list(matrix.split([cache.num_queries for cache in caches]))
+
+    def _matrix(self, preconditioned: LayerGrads, indices, spec) -> Tensor:
+        return torch.cat([block.T for block in self.stream(preconditioned, indices, spec)], dim=1)
+
+    def stream(
+        self, preconditioned: LayerGrads, indices: Sequence[int] | None, spec
+    ) -> Iterator[Tensor]:
+        """Yield the [B, Q] float64 scores of each block of training examples, in order."""
+        accumulator = ScoreAccumulator(self.source.layers, preconditioned)
+        source = self.source
+        for _ in source.stream(
+            accumulator, source.objective(), spec, indices=indices, desc="score train"
+        ):
+            yield accumulator.scores

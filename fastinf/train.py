@@ -28,12 +28,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from fastinf.data import batch_cond, load_digits_dataset, validate_images
-from fastinf.diffusion import MEASUREMENTS, NoiseSchedule, Purpose, make_draws
+from fastinf.diffusion import MEASUREMENTS, NoiseSchedule, Purpose
+from fastinf.gradients import DrawSpec, ExampleBlock, forward_draws, predict_noise
 from fastinf.models import (
+    DIGITS_STEPS,
     DIGITS_WEIGHTS_PATH,
     as_eps_model,
     default_schedule,
     digits_unet_config,
+    eval_mode,
     resolve_sample_shape,
     save_unet,
 )
@@ -252,8 +255,7 @@ def train_diffusion(
         ).to(device)
         noise = torch.randn(images.shape, generator=noise_generator, dtype=images.dtype)
         noise = noise.to(device)
-        x_t = schedule.add_noise(images, noise, timesteps)
-        eps_pred = model(x_t, timesteps, batch_cond(conds))
+        eps_pred = predict_noise(model, schedule, images, noise, timesteps, batch_cond(conds))
         loss = per_draw_loss(eps_pred, noise, timesteps, schedule).mean()
 
         optimizer.zero_grad(set_to_none=True)
@@ -300,39 +302,25 @@ def evaluate_loss(
     model = as_eps_model(model)
     shape = resolve_sample_shape(model, sample_shape)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, conds in loader:
-        images = validate_images(images, shape, "evaluation images")
-        example_ids = torch.arange(count, count + images.shape[0])
-        draws = make_draws(
-            example_ids,
-            torch.arange(num_draws),
-            shape,
-            num_timesteps=schedule.num_timesteps,
-            purpose=purpose,
-            seed=seed,
-            dtype=images.dtype,
-        )
-        # Flatten examples × draws into one batch: row b·K + k is draw k of example b.
-        x0 = images.repeat_interleave(num_draws, dim=0).to(device)
-        noise = draws.noise.flatten(0, 1).to(device)
-        timesteps = draws.timesteps.flatten().to(device)
-        cond = batch_cond(torch.as_tensor(conds).repeat_interleave(num_draws).to(device))
-        eps_pred = model(schedule.add_noise(x0, noise, timesteps), timesteps, cond)
-        per_draw = MEASUREMENTS["loss"](eps_pred, noise, timesteps, schedule)
-        total += float(per_draw.double().sum())
-        count += images.shape[0]
-    model.train(was_training)
+    with eval_mode(model):
+        for images, conds in loader:
+            images = validate_images(images, shape, "evaluation images").to(device)
+            ids = torch.arange(count, count + images.shape[0])
+            block = ExampleBlock(ids, images, batch_cond(torch.as_tensor(conds)))
+            spec = DrawSpec(purpose, num_draws, seed)
+            eps_pred, noise, timesteps = forward_draws(model, schedule, block, spec)
+            per_draw = MEASUREMENTS["loss"](eps_pred, noise, timesteps, schedule)
+            total += float(per_draw.double().sum())
+            count += images.shape[0]
     return total / (count * num_draws)
 
 
 def train_digits(
     out_dir,
     *,
-    steps: int = 5000,
+    steps: int = DIGITS_STEPS,
     seed: int = 0,
     batch_size: int = 128,
     lr: float = 2e-3,
@@ -424,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: train the default digits DDPM (`python -m fastinf.train --help`)."""
     parser = argparse.ArgumentParser(description=train_digits.__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=str(DIGITS_WEIGHTS_PATH.parent))
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=DIGITS_STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -56,8 +56,6 @@ BACKENDS: tuple[str, ...] = ("auto", *BACKEND_MODULES)
 
 # Public op -> the folder of kernels/ that implements it.
 OPS: dict[str, str] = {
-    "project_score": "score",
-    "project_score_dense": "score",
     "score_params": "score",
     "eigval_accumulate": "eigval",
     "whiten_sketch": "whiten",
@@ -182,7 +180,7 @@ def select(op: str, backend: str | None, tensors: Sequence[torch.Tensor]) -> Cal
     """Return the implementation of public op ``op`` for ``tensors``.
 
     Args:
-        op: a key of :data:`OPS`, e.g. ``"project_score"``.
+        op: a key of :data:`OPS`, e.g. ``"score_params"``.
         backend: as for :func:`resolve_backend`.
         tensors: as for :func:`resolve_backend`.
 

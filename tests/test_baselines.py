@@ -75,7 +75,7 @@ def test_trak_matches_dense_projected_fisher(engine, queries, objective):
     block = ExampleBlock(torch.arange(NUM_TRAIN), images, None)
     fit_spec = DrawSpec(Purpose.FIT_FACTORS, 2, 0)
     features = _dense_sketch(
-        curvature, engine._gradients(block, fit_spec, resolve_measurement(objective))
+        curvature, engine.source.gradients(block, resolve_measurement(objective), fit_spec)
     )
     fisher = features.T @ features / NUM_TRAIN
     damped = fisher + 0.1 * torch.eye(curvature.dim, dtype=torch.float64)

@@ -105,7 +105,7 @@ def dense_influence(model, schedule, data, engine, queries, *, curvature_cfg, sc
         loss = mean_loss(w, images.unsqueeze(0), torch.tensor([example_id]), purpose, num_draws)
         return torch.autograd.grad(loss, w)[0].flatten()
 
-    query_ids = engine._query_block(queries, None).ids
+    query_ids = engine.query_ids(queries)
     query_grads = torch.stack(
         [
             grad_of(q, int(i), Purpose.QUERY_GRADIENT, score_cfg.query_draws)

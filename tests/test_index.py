@@ -1,6 +1,5 @@
 """Index: exactness against engine.score, invariances, compressions, storage, search, errors."""
 
-import copy
 import dataclasses
 import json
 import math
@@ -12,16 +11,17 @@ import torch
 import fastinf.index
 from fastinf.artifacts import ArtifactCorruptError, ArtifactMismatchError
 from fastinf.config import CurvatureConfig
+from fastinf.curvature import CurvatureError
 from fastinf.diffusion import NoiseSchedule
 from fastinf.engine import InfluenceEngine
 from fastinf.index import IndexConfig, TrainingIndex
 from fastinf.index.compress import CoordinateLayout, damped_ratio, make_compressor
 from fastinf.index.encode import Quantizer, VectorEncoder
-from fastinf.index.index import bounded_rerank
+from fastinf.index.scorer import bounded_rerank
 from fastinf.index.search import SearchIndex
 from fastinf.scoring import TopK
 
-from tiny import SMALL_SCORE, TinyConvEps, random_dataset
+from tiny import SMALL_SCORE, TinyConvEps, random_dataset, undocumented
 
 CONFIG = SMALL_SCORE
 EXACT = IndexConfig(compression="exact", storage="fp32", shard_size=4, exact_rerank=0)
@@ -56,12 +56,11 @@ def test_public_api_is_pinned():
     assert sorted(fastinf.index.__all__) == [
         "COMPRESSORS",
         "IndexConfig",
+        "IndexScorer",
         "TrainingIndex",
         "build_index",
-        "init_distributed",
     ]
-    for name in fastinf.index.__all__:
-        assert getattr(fastinf.index, name).__doc__
+    assert undocumented(fastinf.index) == []
 
 
 def test_uncompressed_index_reproduces_engine_scores(fitted, engine, tmp_path):
@@ -83,9 +82,9 @@ def test_uncompressed_index_reproduces_engine_scores(fitted, engine, tmp_path):
 
 def test_query_cache_and_images_give_the_same_query_vectors(fitted, engine, tmp_path):
     _, queries, _ = fitted
-    index = engine.build_index(tmp_path, EXACT)
-    from_images, ids = index.query_vectors(engine, queries)
-    from_cache, cache_ids = index.query_vectors(engine, engine.prepare_queries(queries))
+    engine.build_index(tmp_path, EXACT)
+    from_images, ids = engine.scorer.query_vectors(queries)
+    from_cache, cache_ids = engine.scorer.query_vectors(engine.prepare_queries(queries))
     assert torch.equal(ids, cache_ids)
     torch.testing.assert_close(
         from_cache, from_images, rtol=1e-9, atol=1e-9 * float(from_images.abs().max())
@@ -186,13 +185,13 @@ def test_bounded_rerank_of_an_exact_int8_index_rescores_only_the_close_calls(
     config = dataclasses.replace(EXACT, storage="int8", calibration_examples=9, exact_rerank=9)
     index = engine.build_index(tmp_path, config)
     calls = []
-    original = fastinf.index.index._ExactScores.__call__
+    original = fastinf.index.scorer._ExactScores.__call__
     monkeypatch.setattr(
-        fastinf.index.index._ExactScores,
+        fastinf.index.scorer._ExactScores,
         "__call__",
         lambda self, examples: calls.append(list(examples)) or original(self, examples),
     )
-    vectors, _ = index.query_vectors(engine, queries)
+    vectors, _ = engine.scorer.query_vectors(queries)
     sketch, rounding = index.error_model(vectors)
     assert float(sketch.abs().max()) == 0.0 and float(rounding.min()) > 0
     result = engine.score(queries, k=3, rerank_sigmas=6.0)
@@ -270,10 +269,10 @@ def test_kronecker_sketch_is_the_kronecker_product(engine):
         torch.testing.assert_close(out[start : start + expected.numel()], expected)
 
 
-def test_fused_gaussian_sketch_matches_whiten_then_project(engine):
+def test_fused_gaussian_sketch_matches_whiten_then_sketch(engine):
     encoder, _ = _encoder(engine, IndexConfig(compression="gaussian", dim=48))
     grads = engine.train_gradients([0, 1, 2])
-    coords = encoder.project(grads)
+    coords = encoder.rotate(grads)
     torch.testing.assert_close(
         encoder.compress(coords), encoder.compress_whitened(encoder.whiten(coords))
     )
@@ -386,8 +385,8 @@ def test_approximate_index_is_written_and_read_back(engine, tmp_path):
     config = IndexConfig(compression="countsketch", dim=8, storage="fp16", search="hnsw")
     index = engine.build_index(tmp_path, config)
     assert (tmp_path / "search.faiss").exists()
-    vectors, _ = index.query_vectors(engine, torch.zeros(1, 2, 5, 5, dtype=torch.float64))
-    again = TrainingIndex.load(tmp_path, engine)
+    vectors, _ = engine.scorer.query_vectors(torch.zeros(1, 2, 5, 5, dtype=torch.float64))
+    again = TrainingIndex.load(tmp_path, engine.source, engine.curvature)
     assert torch.equal(again.search(vectors, 3)[0].indices, index.search(vectors, 3)[0].indices)
 
 
@@ -483,10 +482,11 @@ def test_incomplete_build_is_named_and_resumes_only_the_missing_shard(engine, tm
 def test_missing_index_and_trak_curvature_say_what_to_do(engine, tmp_path):
     with pytest.raises(FileNotFoundError, match="fastinf index --out"):
         engine.load_index(tmp_path / "none")
-    fake = copy.copy(engine.curvature)
-    fake.config = dataclasses.replace(fake.config, strategy="trak")
-    with pytest.raises(ValueError, match="a 'trak' curvature has none"):
-        engine.with_config(curvature=fake).build_index(tmp_path)
+    trak = engine.with_config()
+    trak.fit(CurvatureConfig(strategy="trak", projection_dim=16, factor_draws=1))
+    with pytest.raises(CurvatureError, match=r"needs a Kronecker eigenbasis.*'trak'.*'ekfac'"):
+        trak.build_index(tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before writing anything
     with pytest.raises(ValueError, match=r"IndexConfig\.storage='int2'"):
         IndexConfig(storage="int2")
 

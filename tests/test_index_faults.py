@@ -20,8 +20,9 @@ import torch
 
 from fastinf.config import CurvatureConfig, ScoreConfig
 from fastinf.diffusion import NoiseSchedule
+from fastinf.distributed import init_distributed
 from fastinf.engine import InfluenceEngine
-from fastinf.index import IndexConfig, init_distributed
+from fastinf.index import IndexConfig
 
 from tiny import TinyConvEps, random_dataset
 

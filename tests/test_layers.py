@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastinf.curvature import _FactorSums
+from fastinf.curvature.factors import FactorSums
 from fastinf.layers import capture_layers, find_layers
 
 CONV_VARIANTS = [
@@ -86,7 +86,7 @@ def test_factor_sums_match_brute_force(approx):
     ).double()
     inputs = torch.randn(5, 2, 6, 6, dtype=torch.float64)
     layers = find_layers(model)
-    sums = _FactorSums(layers, approx, "cpu")
+    sums = FactorSums(layers, approx, "cpu")
     with capture_layers(layers, sums) as capture:
         out = model(inputs)
         seed = torch.randn_like(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import UNet2DModel
 from torch import nn
@@ -96,3 +98,23 @@ def small_unet(num_class_embeds=None, seed=0, sample_size=8, channels=1):
             norm_num_groups=4,
             num_class_embeds=num_class_embeds,
         )
+
+
+def undocumented(module) -> list[str]:
+    """Public names of `module` that lack a docstring of their own.
+
+    A dataclass's generated `Name(field, ...)` docstring does not count, nor does a
+    constant's type docstring (a dict's, say): a constant must be named in the module's
+    docstring instead.
+    """
+    missing = []
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if not callable(obj):
+            documented = name in (module.__doc__ or "")
+        else:
+            doc = inspect.getdoc(obj) or ""
+            documented = bool(doc) and not doc.startswith(f"{obj.__name__}(")
+        if not documented:
+            missing.append(name)
+    return missing

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..artifacts import tensor_fingerprint
-from ..curvature import Curvature
+from ..curvature import EigenbasisCurvature
 from ..kernels import whiten_sketch
 from .config import IndexConfig
 
@@ -66,7 +66,7 @@ class Block:
 class CoordinateLayout:
     """The blocks of the model-wide whitened vector, in tracked-layer order (weight, bias)."""
 
-    def __init__(self, curvature: Curvature):
+    def __init__(self, curvature: EigenbasisCurvature):
         blocks, offset = [], 0
         for name, layer in curvature.layers.items():
             rows, cols = layer.eigvals_weight.shape
@@ -86,7 +86,9 @@ class CoordinateLayout:
         return {b.key: flat[..., b.offset : b.offset + b.size] for b in self.blocks}
 
 
-def whitening_scales(curvature: Curvature, damping: float, mode: str) -> dict[str, Tensor]:
+def whitening_scales(
+    curvature: EigenbasisCurvature, damping: float, mode: str
+) -> dict[str, Tensor]:
     """W^½ = (Λ + λ)^-½ per block key, [rows, cols] float64 (DESIGN §1 Damping)."""
     scales = {}
     for name in curvature.layers:
@@ -97,7 +99,7 @@ def whitening_scales(curvature: Curvature, damping: float, mode: str) -> dict[st
     return scales
 
 
-def damped_ratio(curvature: Curvature, damping: float, mode: str) -> dict[str, Tensor]:
+def damped_ratio(curvature: EigenbasisCurvature, damping: float, mode: str) -> dict[str, Tensor]:
     """Λ/(Λ + λ) per block key, flattened [block.size] float64: each coordinate's share of
     the effective dimension Σ Λ/(Λ+λ)."""
     ratios = {}

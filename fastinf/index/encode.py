@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..curvature import Curvature, LayerGrads
+from ..curvature import EigenbasisCurvature
+from ..source import LayerGrads
 from .compress import Compressor, CoordinateLayout, whitening_scales
 from .config import IndexConfig
 
@@ -21,12 +22,16 @@ __all__ = ["Quantizer", "VectorEncoder"]
 class VectorEncoder:
     """Maps per-example layer gradients to index vectors [B, dim].
 
-    Projection Q_Sᵀ G Q_A runs in the gradients' dtype (float32 for a float32 model,
+    The rotation Q_Sᵀ G Q_A runs in the gradients' dtype (float32 for a float32 model,
     float64 for the exact tests); whitening and compression go through the compressor.
     """
 
     def __init__(
-        self, curvature: Curvature, damping: float, damping_mode: str, compressor: Compressor
+        self,
+        curvature: EigenbasisCurvature,
+        damping: float,
+        damping_mode: str,
+        compressor: Compressor,
     ):
         self.curvature = curvature
         self.layout: CoordinateLayout = compressor.layout
@@ -45,7 +50,7 @@ class VectorEncoder:
             self._eigvecs[key] = (layer.eigvecs_grad.to(dtype), layer.eigvecs_act.to(dtype))
         return self._eigvecs[key]
 
-    def project(self, grads: LayerGrads) -> dict[str, Tensor]:
+    def rotate(self, grads: LayerGrads) -> dict[str, Tensor]:
         """Eigenbasis coordinates per block key: Q_Sᵀ G Q_A [B, d_out, d_in] (weight) and
         Q_Sᵀ b [B, d_out, 1] (bias), float64 for float64 gradients, else float32.
 
@@ -64,7 +69,7 @@ class VectorEncoder:
         return coords
 
     def compress(self, coords: dict[str, Tensor], *, preconditioned: bool = False) -> Tensor:
-        """Whiten and compress projected coordinates into index vectors [B, dim].
+        """Whiten and compress eigenbasis coordinates into index vectors [B, dim].
 
         Args:
             preconditioned: the coordinates are those of (G + λI)⁻¹∇m (a `QueryCache`), i.e.
@@ -95,8 +100,8 @@ class VectorEncoder:
         return out
 
     def encode(self, grads: LayerGrads, *, preconditioned: bool = False) -> Tensor:
-        """Index vectors [B, dim] of per-example layer gradients (see `project`, `compress`)."""
-        return self.compress(self.project(grads), preconditioned=preconditioned)
+        """Index vectors [B, dim] of per-example layer gradients (see `rotate`, `compress`)."""
+        return self.compress(self.rotate(grads), preconditioned=preconditioned)
 
 
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8, "int4": np.uint8}

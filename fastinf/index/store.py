@@ -25,7 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import FORMAT_VERSION, ArtifactCorruptError, ArtifactMismatchError, _file_sha256
+from ..artifacts import (
+    FORMAT_VERSION,
+    TEMPORARY_SUFFIX,
+    ArtifactCorruptError,
+    ArtifactMismatchError,
+    atomic_write,
+    file_sha256,
+)
 
 __all__ = ["BuildPlan", "IndexStore", "ShardSpec", "npy_bytes"]
 
@@ -61,16 +68,6 @@ class BuildPlan:
             ShardSpec(number, start, min(start + self.shard_size, self.num_examples))
             for number, start in enumerate(range(0, self.num_examples, self.shard_size))
         ]
-
-
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through a temporary file, flushed to disk, then renamed over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -120,12 +117,12 @@ class IndexStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         record = {"kind": KIND, "format_version": FORMAT_VERSION, **manifest}
         text = json.dumps(record, indent=1, sort_keys=True).encode()
-        _write_atomic(self.manifest_path, lambda handle: handle.write(text))
+        atomic_write(self.manifest_path, lambda tmp: tmp.write_bytes(text))
 
     def write_order(self, order: np.ndarray) -> str:
         """Write the build order; return its sha256."""
         data = npy_bytes(order.astype(np.int64))
-        _write_atomic(self.directory / ORDER, lambda handle: handle.write(data))
+        atomic_write(self.directory / ORDER, lambda tmp: tmp.write_bytes(data))
         return hashlib.sha256(data).hexdigest()
 
     def read_order(self, sha256: str) -> np.ndarray:
@@ -148,7 +145,7 @@ class IndexStore:
             )
         (self.directory / SHARDS).mkdir(parents=True, exist_ok=True)
         data = npy_bytes(values)
-        _write_atomic(self.shard_path(shard.number), lambda handle: handle.write(data))
+        atomic_write(self.shard_path(shard.number), lambda tmp: tmp.write_bytes(data))
         record = {
             "build_id": build_id,
             "shard": shard.number,
@@ -159,7 +156,7 @@ class IndexStore:
             "sha256": hashlib.sha256(data).hexdigest(),
         }
         text = json.dumps(record, sort_keys=True).encode()
-        _write_atomic(self.record_path(shard.number), lambda handle: handle.write(text))
+        atomic_write(self.record_path(shard.number), lambda tmp: tmp.write_bytes(text))
         return record
 
     def completed(self, plan: BuildPlan, build_id: str) -> dict[int, dict]:
@@ -216,7 +213,7 @@ class IndexStore:
             raise ArtifactCorruptError(
                 f"the index's {what} ({path}) is missing; resume or rebuild the index."
             )
-        if _file_sha256(path) != sha256:
+        if file_sha256(path) != sha256:
             raise ArtifactCorruptError(
                 f"the index's {what} ({path}) does not match its checksum: the file is truncated "
                 "or altered; delete it (and its .json for a shard) and resume the build."
@@ -224,7 +221,7 @@ class IndexStore:
 
     def remove_temporary(self) -> None:
         """Drop half-written files a killed build left behind."""
-        for pattern in ("*.tmp", f"{SHARDS}/*.tmp"):
+        for pattern in (f"*{TEMPORARY_SUFFIX}", f"{SHARDS}/*{TEMPORARY_SUFFIX}"):
             for path in self.directory.glob(pattern):
                 path.unlink(missing_ok=True)
 
@@ -235,10 +232,8 @@ class IndexStore:
 
     def write_search(self, write: Callable[[str], None]) -> str:
         """Write the faiss file through `write(path)`; return its sha256."""
-        tmp = self.search_path.with_name(SEARCH_FILE + ".tmp")
-        write(str(tmp))
-        os.replace(tmp, self.search_path)
-        return _file_sha256(self.search_path)
+        atomic_write(self.search_path, lambda tmp: write(str(tmp)))
+        return file_sha256(self.search_path)
 
     def check_search(self, sha256: str) -> str:
         self._check_file(self.search_path, sha256, "search structure")

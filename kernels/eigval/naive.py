@@ -2,18 +2,36 @@
 
 out += Σ_d (Q_Sᵀ G_d Q_A)^∘2 with G_d = Σ_r grad[d, r] ⊗ act[d, r].
 Projects rows first or materialises every G_d, whichever costs fewer multiply-adds
-(:func:`fastinf.kernels.score.naive.choose_route`); computes in float32, or float64 when
-``out`` or an input is float64.
+(:func:`choose_route`); computes in float32, or float64 when ``out`` or an input is
+float64.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from .._inputs import compute_dtype
-from ..score.naive import choose_route
 
-__all__ = ["eigval_accumulate"]
+__all__ = ["choose_route", "eigval_accumulate"]
+
+
+def choose_route(n_rows: int, d_in: int, d_out: int) -> Literal["rows", "summed"]:
+    """Pick the cheaper way to project a factored gradient G = Σ_r b_r a_rᵀ.
+
+    ``"rows"`` projects every row first (a_r Q_A, b_r Q_S): R(d_in² + d_out²) multiply-adds.
+    ``"summed"`` forms G and projects it: d_out²·d_in + d_out·d_in². Both also pay
+    R·d_out·d_in to contract over the R rows, so that term does not decide. Ties go to rows.
+
+    Args:
+        n_rows: R, rows per draw (positions).
+        d_in: layer input dimension.
+        d_out: layer output dimension.
+    """
+    rows_cost = n_rows * (d_in * d_in + d_out * d_out)
+    summed_cost = d_out * d_in * (d_in + d_out)
+    return "rows" if rows_cost <= summed_cost else "summed"
 
 
 def eigval_accumulate(

@@ -19,9 +19,10 @@ def empty_topk(
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Running top-k state before any block: values ∓inf, indices -1, both [n_queries, k]."""
-    fill = float("-inf") if largest else float("inf")
-    values = torch.full((n_queries, k), fill, dtype=dtype, device=device)
-    indices = torch.full((n_queries, k), -1, dtype=torch.int64, device=device)
+    values = torch.empty(n_queries, k, dtype=dtype, device=device)
+    values.fill_(float("-inf") if largest else float("inf"))
+    indices = torch.empty(n_queries, k, dtype=torch.int64, device=device)
+    indices.fill_(-1)
     return values, indices
 
 

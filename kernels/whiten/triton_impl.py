@@ -125,8 +125,11 @@ def whiten_sketch(
     if n_features > 1 and flat.stride(1) != 1:
         flat = flat.contiguous()
     n_out = sketch.shape[1]
-    if n_b == 0 or n_out == 0 or n_features == 0:
-        return torch.zeros(n_b, n_out, dtype=torch.float32, device=coords.device)
+    if n_b == 0 or n_out == 0:
+        return torch.empty(n_b, n_out, dtype=torch.float32, device=coords.device)
+    if n_features == 0:
+        # nothing to project: every output is an empty sum
+        return torch.empty(n_b, n_out, dtype=torch.float32, device=coords.device).zero_()
     n_tiles = cdiv(n_b, BLOCK_B) * cdiv(n_out, BLOCK_N)
     n_split = split_count(coords.device, n_tiles, cdiv(n_features, BLOCK_K))
     features_per_split = cdiv(cdiv(n_features, n_split), BLOCK_K) * BLOCK_K

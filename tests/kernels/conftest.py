@@ -6,11 +6,14 @@ imports triton (the interpreter must be chosen before triton builds its own libr
 
 from __future__ import annotations
 
+import functools
+import sys
 import zlib
 
 import pytest
 import torch
 
+import fastinf.kernels
 from fastinf.kernels.dispatch import dot_precision, triton_available
 
 ON_GPU = torch.cuda.is_available()
@@ -84,14 +87,62 @@ def needs_triton() -> None:
         pytest.skip("triton is not installed")
 
 
-@pytest.fixture
-def nan_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``torch.empty`` return poisoned memory (NaN, or -7 for integer dtypes) so that
-    a kernel that forgets to write part of a buffer it allocated fails the comparison."""
-    original = torch.empty
+# Every torch function and Tensor method that allocates a tensor: a kernel's output comes
+# from one of these (or from an op that computes every element, like a matmul or a sum).
+TORCH_ALLOCATORS = (
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "full",
+    "full_like",
+    "ones",
+    "ones_like",
+    "zeros",
+    "zeros_like",
+)
+TENSOR_ALLOCATORS = ("new_empty", "new_empty_strided", "new_full", "new_ones", "new_zeros")
+_KERNELS = fastinf.kernels.__name__
 
-    def poisoned(*args, **kwargs):
-        tensor = original(*args, **kwargs)
-        return tensor.fill_(float("nan") if tensor.is_floating_point() else -7)
 
-    monkeypatch.setattr(torch, "empty", poisoned)
+def poison(tensor: torch.Tensor) -> torch.Tensor:
+    """Fill ``tensor`` in place with a value no kernel writes: NaN for floating point, -7
+    (below every index, -1 included) for signed integers, the maximum for unsigned ones,
+    True for bool."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        return tensor.fill_(float("nan"))
+    if tensor.dtype == torch.bool:
+        return tensor.fill_(True)
+    return tensor.fill_(-7 if tensor.dtype.is_signed else torch.iinfo(tensor.dtype).max)
+
+
+def _poisoning(allocate):
+    """Wrap an allocator so that calls made directly from code of ``fastinf.kernels``
+    return poisoned tensors; every other caller (tests, oracles, torch, triton) gets what
+    it asked for."""
+
+    @functools.wraps(allocate)
+    def allocate_poisoned(*args, **kwargs):
+        tensor = allocate(*args, **kwargs)
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller == _KERNELS or caller.startswith(_KERNELS + "."):
+            poison(tensor)
+        return tensor
+
+    return allocate_poisoned
+
+
+@pytest.fixture(autouse=True)
+def poison_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every allocation inside ``fastinf.kernels`` (``torch.empty``, ``torch.zeros``,
+    ``torch.full``, their ``_like`` forms, ``Tensor.new_*``) return poisoned memory.
+
+    A kernel, reference or launcher that leaves an element of its output unwritten then
+    returns NaN (or -7) there, which every comparison rejects, instead of a zero that can
+    pass for a correct empty sum. Initial values a kernel needs are written explicitly
+    after allocation (``zero_``, ``fill_``; see :mod:`fastinf.kernels`), so they survive.
+    Applies to every test in this folder, reference and Triton paths alike.
+    """
+    for name in TORCH_ALLOCATORS:
+        monkeypatch.setattr(torch, name, _poisoning(getattr(torch, name)))
+    for name in TENSOR_ALLOCATORS:
+        monkeypatch.setattr(torch.Tensor, name, _poisoning(getattr(torch.Tensor, name)))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastinf.kernels import eigval_accumulate
+from fastinf.kernels.eigval.naive import choose_route
 
 ON_GPU = torch.cuda.is_available()
 
@@ -37,7 +38,25 @@ def kron_oracle(act, grad, eigvecs_act, eigvecs_grad):
     return total.reshape(grad.shape[2], act.shape[2])
 
 
-@pytest.mark.parametrize("case", [(1, 1, 1, 1), (3, 4, 7, 5), (4, 9, 6, 11)], ids=str)
+# (D, R, d_in, d_out): the reference projects rows first in the first two, sums first in
+# the last (test_oracle_cases_cover_both_routes).
+ORACLE_CASES = [(1, 1, 1, 1), (3, 4, 7, 5), (4, 9, 6, 11)]
+
+
+def test_choose_route_by_cost():
+    assert choose_route(1, 8, 8) == "rows"
+    # a 3x3 conv with 512 input and output channels at 32² positions: summing first wins
+    assert choose_route(32 * 32, 4608, 512) == "summed"
+    # equal costs: R (d_in² + d_out²) = d_out d_in (d_in + d_out) at R = 1, d_in = d_out = 1
+    assert choose_route(1, 1, 1) == "rows"
+
+
+def test_oracle_cases_cover_both_routes():
+    routes = {choose_route(r, d_in, d_out) for _, r, d_in, d_out in ORACLE_CASES}
+    assert routes == {"rows", "summed"}
+
+
+@pytest.mark.parametrize("case", ORACLE_CASES, ids=str)
 def test_reference_matches_kron_oracle(inputs, assert_close_scaled, case):
     draws = make_draws(inputs, *case, dtype=torch.float64)
     start = inputs.uniform(case[3], case[2], low=0.0, high=1.0, dtype=torch.float64)
@@ -50,7 +69,7 @@ def test_reference_matches_kron_oracle(inputs, assert_close_scaled, case):
     assert_close_scaled(out32.cpu(), expected.float(), 1e-5)
 
 
-@pytest.mark.usefixtures("needs_triton", "nan_empty")
+@pytest.mark.usefixtures("needs_triton")
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_matches_reference(inputs, assert_close_scaled, triton_tol, case, out_dtype):
@@ -63,7 +82,7 @@ def test_triton_matches_reference(inputs, assert_close_scaled, triton_tol, case,
     assert_close_scaled(out, expected, triton_tol)
 
 
-@pytest.mark.usefixtures("needs_triton", "nan_empty")
+@pytest.mark.usefixtures("needs_triton")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_low_precision_inputs(inputs, assert_close_scaled, triton_tol, dtype):
     draws = make_draws(inputs, 6, 7, 35, 18, dtype=dtype)

@@ -32,8 +32,6 @@ def test_public_api_is_pinned():
     assert fastinf.kernels.__all__ == [
         "eigval_accumulate",
         "empty_topk",
-        "project_score",
-        "project_score_dense",
         "score_params",
         "topk_merge",
         "whiten_sketch",
@@ -55,8 +53,8 @@ def test_every_backend_implements_every_op_with_the_reference_signature(op, back
 def test_auto_uses_reference_on_cpu():
     cpu = torch.zeros(2)
     assert dispatch.resolve_backend(None, [cpu]) == "reference"
-    assert dispatch.select("project_score", "auto", [cpu]) is implementation(
-        "project_score", "reference"
+    assert dispatch.select("score_params", "auto", [cpu]) is implementation(
+        "score_params", "reference"
     )
 
 

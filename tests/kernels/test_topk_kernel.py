@@ -68,7 +68,7 @@ def test_reference_matches_oracle(inputs, case, largest):
         assert_same_topk(state, expected)
 
 
-@pytest.mark.usefixtures("needs_triton", "nan_empty")
+@pytest.mark.usefixtures("needs_triton")
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_matches_reference(inputs, case, largest):
@@ -87,7 +87,7 @@ def test_triton_matches_reference(inputs, case, largest):
         assert_same_topk(triton_state, reference_state)
 
 
-@pytest.mark.usefixtures("needs_triton", "nan_empty")
+@pytest.mark.usefixtures("needs_triton")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_low_precision_values(inputs, dtype):
     """Running values in fp16/bf16: block scores are rounded to that dtype first."""

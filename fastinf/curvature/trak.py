@@ -1,8 +1,8 @@
-"""TRAK-style curvature: the GGN^loss of randomly projected per-example gradients.
+"""TRAK: the GGN^loss of randomly sketched per-example gradients (a curvature strategy).
 
 The baselines TRAK and D-TRAK (DESIGN §1 baselines) as a curvature of the same engine.
 Each example's gradient g_n (mean over draws of the training loss, or of the square norm
-for D-TRAK) is projected to φ_n = P g_n ∈ ℝ^k, F = (1/N) Σ_n φ_n φ_nᵀ is fitted, and a
+for D-TRAK) is sketched to φ_n = P g_n ∈ ℝ^k, F = (1/N) Σ_n φ_n φ_nᵀ is fitted, and a
 query is preconditioned in parameter space as V_q = Pᵀ (F + λI)⁻¹ P ∇m_q, so the engine's
 streaming scorer gives τ(q, n) = ⟨V_q, g_n⟩ = (P ∇m_q)ᵀ (F + λI)⁻¹ (P g_n) unchanged.
 
@@ -15,21 +15,20 @@ drawn from the config seed, which preserves inner products in expectation.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .artifacts import save_artifact
-from .config import CurvatureConfig
-from .curvature import CurvatureError
-from .diffusion import Purpose, resolve_measurement
-from .gradients import BlockConsumer, DrawSpec, example_blocks, run_block
-from .layers import LayerCall, LayerInfo, capture_layers
-from .progress import progress_bar
+from ..config import CurvatureConfig
+from ..diffusion import Purpose, resolve_measurement
+from ..gradients import BlockConsumer, DrawSpec
+from ..layers import LayerCall, LayerInfo
+from ..source import GradientSource, LayerGrads
+from .base import Curvature
+from .factors import eigh_psd
 
-__all__ = ["ProjectedCurvature", "fit_projected"]
-
-LayerGrads = dict[str, tuple[Tensor, Tensor | None]]
+__all__ = ["SketchedCurvature", "fit"]
 
 
 def _sketch_side(size: int, dim: int) -> int:
@@ -61,11 +60,11 @@ def _layer_seed(seed: int, name: str) -> int:
     return int(digest[:15], 16)
 
 
-class ProjectedCurvature:
-    """A fitted TRAK curvature: per-layer sketches and F = U diag(s) Uᵀ (float64).
+class SketchedCurvature(Curvature):
+    """A fitted TRAK curvature: per-layer sketches P and F = U diag(s) Uᵀ (float64).
 
-    Offers `precondition` like `Curvature`; it has no Kronecker eigenbasis, so the index
-    and self-influence (which need one) are not available for it.
+    It preconditions like every `Curvature`, but has no Kronecker eigenbasis: the index and
+    self-influence, which need one, refuse it (`require_eigenbasis`).
     """
 
     def __init__(
@@ -76,9 +75,8 @@ class ProjectedCurvature:
         fisher_eigvals: Tensor,
         fisher_eigvecs: Tensor,
     ):
+        super().__init__(config, provenance)
         self.layer_info = layers
-        self.config = config
-        self.provenance = provenance
         self.fisher_eigvals = fisher_eigvals
         self.fisher_eigvecs = fisher_eigvecs
         self.dims = _layer_dims(layers, config.projection_dim)
@@ -103,10 +101,11 @@ class ProjectedCurvature:
         parts = []
         for name in self.layer_info:
             weight, bias = grads[name]
-            parts.append(self._project_layer(name, weight, bias))
+            parts.append(self.sketch_layer(name, weight, bias))
         return torch.cat(parts, dim=1)
 
-    def _project_layer(self, name: str, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def sketch_layer(self, name: str, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """φ of one layer's gradients [n, k_out · k_in] (float64)."""
         sketch_out, sketch_in = self.sketches[name]
         augmented = weight.double()
         if bias is not None:
@@ -122,11 +121,11 @@ class ProjectedCurvature:
         value = self.damping_value(damping, mode)
         if value <= 0:
             raise ValueError(
-                "TRAK's projected Fisher has rank <= N, so it needs a positive damping; set one."
+                "TRAK's sketched Fisher has rank <= N, so it needs a positive damping; set one."
             )
         eigvecs = self.fisher_eigvecs
-        projected = self.sketch(grads)
-        solved = ((projected @ eigvecs) / (self.fisher_eigvals + value)) @ eigvecs.T
+        sketched = self.sketch(grads)
+        solved = ((sketched @ eigvecs) / (self.fisher_eigvals + value)) @ eigvecs.T
         out, start = {}, 0
         for name, info in self.layer_info.items():
             k_out, k_in = self.dims[name]
@@ -138,16 +137,8 @@ class ProjectedCurvature:
             out[name] = (augmented[:, :, : info.d_in], bias)
         return out
 
-    def _no_eigenbasis(self, *_args, **_kwargs):
-        raise CurvatureError(
-            "a 'trak' curvature has no Kronecker eigenbasis: the index and self-influence need "
-            "strategy 'ekfac', 'kfac' or 'identity'."
-        )
-
-    project = inverse_damped = _no_eigenbasis
-
-    def to(self, device) -> ProjectedCurvature:
-        return ProjectedCurvature(
+    def to(self, device) -> SketchedCurvature:
+        return SketchedCurvature(
             self.layer_info,
             self.config,
             self.provenance,
@@ -155,27 +146,35 @@ class ProjectedCurvature:
             self.fisher_eigvecs.to(device),
         )
 
-    def save(self, directory) -> None:
-        """Write `curvature.safetensors` + `curvature.json` (the sketches are regenerated)."""
-        tensors = {"fisher_eigvals": self.fisher_eigvals, "fisher_eigvecs": self.fisher_eigvecs}
-        meta = {"config": self.config.fingerprint() | {"batch_size": self.config.batch_size}}
-        meta |= {"provenance": self.provenance, "layers": list(self.layer_info)}
-        save_artifact(directory, "curvature", tensors, meta)
+    def layer_names(self) -> list[str]:
+        return list(self.layer_info)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """F's eigendecomposition; the sketches are regenerated from the config's seed."""
+        return {"fisher_eigvals": self.fisher_eigvals, "fisher_eigvecs": self.fisher_eigvecs}
 
     @classmethod
     def from_artifact(
-        cls, tensors: dict[str, Tensor], meta: dict, config: CurvatureConfig, layers
-    ) -> ProjectedCurvature:
-        """Rebuild from what `Curvature.load` read (it checked checksum and provenance)."""
+        cls,
+        tensors: dict[str, Tensor],
+        meta: dict,
+        config: CurvatureConfig,
+        layer_info: dict[str, LayerInfo],
+    ) -> SketchedCurvature:
+        """Rebuild from a saved artifact (`load_curvature` checked checksum and provenance)."""
         return cls(
-            layers, config, meta["provenance"], tensors["fisher_eigvals"], tensors["fisher_eigvecs"]
+            layer_info,
+            config,
+            meta["provenance"],
+            tensors["fisher_eigvals"],
+            tensors["fisher_eigvecs"],
         )
 
 
-class _ProjectedGradients(BlockConsumer):
+class _SketchedGradients(BlockConsumer):
     """Layer consumer: φ[b] = P g_b for each example of a block, layer by layer."""
 
-    def __init__(self, layers, curvature: ProjectedCurvature):
+    def __init__(self, layers, curvature: SketchedCurvature):
         self.curvature = curvature
         self.offsets, start = {}, 0
         for name in layers:
@@ -190,41 +189,33 @@ class _ProjectedGradients(BlockConsumer):
 
     def __call__(self, name: str, call: LayerCall) -> None:
         weight, bias = call.example_gradients(self.count)
-        sketched = self.curvature._project_layer(name, weight, bias).cpu()
+        sketched = self.curvature.sketch_layer(name, weight, bias).cpu()
         self.features[self.part, self.offsets[name]] += sketched
 
 
-def fit_projected(
-    model,
-    layers: dict[str, LayerInfo],
-    schedule,
-    dataset,
-    config: CurvatureConfig,
-    *,
-    provenance: dict | None = None,
-    indices: list[int] | None = None,
-    num_workers: int = 0,
-) -> ProjectedCurvature:
+def fit(
+    source: GradientSource, config: CurvatureConfig, indices: Sequence[int] | None = None
+) -> SketchedCurvature:
     """Fit F = (1/N) Σ_n (P g_n)(P g_n)ᵀ with g_n the gradient of `config.objective`
     averaged over `config.factor_draws` draws, and eigendecompose it in float64."""
-    device = next(model.parameters()).device
-    empty = torch.zeros(0, dtype=torch.float64, device=device)
-    curvature = ProjectedCurvature(layers, config, dict(provenance or {}), empty, empty)
-    consumer = _ProjectedGradients(layers, curvature)
-    objective = resolve_measurement(config.objective)
+    empty = torch.zeros(0, dtype=torch.float64, device=source.device)
+    curvature = SketchedCurvature(source.layers, config, dict(source.provenance), empty, empty)
+    consumer = _SketchedGradients(source.layers, curvature)
     spec = DrawSpec(Purpose.FIT_FACTORS, config.factor_draws, config.seed)
     fisher = torch.zeros(curvature.dim, curvature.dim, dtype=torch.float64)
     count = 0
-    total = len(dataset) if indices is None else len(indices)
-    block_size = max(1, config.batch_size // config.factor_draws)
-    with capture_layers(layers, consumer) as capture, progress_bar(total, "fit projected") as bar:
-        for block in example_blocks(dataset, block_size, indices, num_workers):
-            block = type(block)(block.ids, block.images.to(device), block.cond)
-            run_block(capture, consumer, model, schedule, block, objective, spec, config.batch_size)
-            fisher += consumer.features.T @ consumer.features
-            count += block.ids.numel()
-            bar.update(block.ids.numel())
-    eigvals, eigvecs = torch.linalg.eigh(fisher / count)
-    curvature.fisher_eigvals = eigvals.clamp_min(0.0).to(device)
-    curvature.fisher_eigvecs = eigvecs.to(device)
+    for block in source.stream(
+        consumer,
+        resolve_measurement(config.objective),
+        spec,
+        indices=indices,
+        block_size=max(1, config.batch_size // config.factor_draws),
+        batch_size=config.batch_size,
+        desc="fit sketched",
+    ):
+        fisher += consumer.features.T @ consumer.features
+        count += block.ids.numel()
+    eigvals, eigvecs = eigh_psd(fisher / count)
+    curvature.fisher_eigvals = eigvals.to(source.device)
+    curvature.fisher_eigvecs = eigvecs.to(source.device)
     return curvature

@@ -1,0 +1,97 @@
+"""Curvature strategies: approximations G of the GGN that precondition query gradients.
+
+Each strategy is a module with `fit(source, config, indices) -> Curvature`, registered in
+`STRATEGIES` with the loader of what it saves; none imports another.
+
+| strategy   | fitted object         | eigenbasis | what it is                                    |
+|------------|-----------------------|------------|-----------------------------------------------|
+| `ekfac`    | `EigenbasisCurvature` | yes        | K-FAC eigenbasis, eigenvalues re-estimated    |
+| `kfac`     | `EigenbasisCurvature` | yes        | Λ = λ_S λ_Aᵀ from the factors                 |
+| `identity` | `EigenbasisCurvature` | yes        | G = I: the gradient dot product baseline      |
+| `trak`     | `SketchedCurvature`   | no         | F of randomly sketched gradients (TRAK/D-TRAK)|
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..artifacts import check_provenance, load_artifact
+from ..config import CurvatureConfig, config_from_dict
+from ..layers import LayerInfo
+from ..models import eval_mode
+from ..source import GradientSource
+from . import ekfac, identity, kfac, trak
+from .base import (
+    ARTIFACT,
+    Curvature,
+    CurvatureError,
+    EigenbasisCurvature,
+    LayerCurvature,
+    require_eigenbasis,
+)
+from .kfac import as_kfac
+from .trak import SketchedCurvature
+
+__all__ = [
+    "STRATEGIES",
+    "Curvature",
+    "CurvatureError",
+    "EigenbasisCurvature",
+    "LayerCurvature",
+    "SketchedCurvature",
+    "Strategy",
+    "as_kfac",
+    "fit_curvature",
+    "load_curvature",
+    "require_eigenbasis",
+]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How to fit a strategy's curvature, and how to rebuild it from a saved artifact."""
+
+    fit: Callable[[GradientSource, CurvatureConfig, Sequence[int] | None], Curvature]
+    load: Callable[[dict, dict, CurvatureConfig, dict[str, LayerInfo]], Curvature]
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "ekfac": Strategy(ekfac.fit, EigenbasisCurvature.from_artifact),
+    "kfac": Strategy(kfac.fit, EigenbasisCurvature.from_artifact),
+    "identity": Strategy(identity.fit, EigenbasisCurvature.from_artifact),
+    "trak": Strategy(trak.fit, SketchedCurvature.from_artifact),
+}
+
+
+def fit_curvature(
+    source: GradientSource,
+    config: CurvatureConfig | None = None,
+    indices: Sequence[int] | None = None,
+) -> Curvature:
+    """Fit `config.strategy` on the source's training set (or `indices`), model in eval mode.
+
+    Returns the strategy's `Curvature` on the model's device.
+    """
+    config = config or CurvatureConfig()
+    with eval_mode(source.model):
+        return STRATEGIES[config.strategy].fit(source, config, indices)
+
+
+def load_curvature(
+    directory: str | os.PathLike,
+    expected_provenance: dict | None,
+    layer_info: dict[str, LayerInfo],
+) -> Curvature:
+    """Load a curvature saved by `Curvature.save`, with the strategy it was fitted with.
+
+    Raises:
+        ArtifactMismatchError: it was fitted for another model, dataset or schedule.
+        ArtifactCorruptError / FileNotFoundError: the files are damaged or missing.
+    """
+    tensors, meta = load_artifact(directory, ARTIFACT)
+    if expected_provenance is not None:
+        check_provenance("curvature", meta["provenance"], expected_provenance)
+    config = config_from_dict(CurvatureConfig, meta["config"])
+    return STRATEGIES[config.strategy].load(tensors, meta, config, layer_info)

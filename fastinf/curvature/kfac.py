@@ -1,0 +1,37 @@
+"""K-FAC: Λ = λ_S λ_Aᵀ, the eigenvalues of the Kronecker product of the factors."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from ..config import CurvatureConfig
+from ..source import GradientSource
+from .base import EigenbasisCurvature, LayerCurvature
+from .factors import fit_factors
+
+__all__ = ["as_kfac", "fit"]
+
+
+def fit(
+    source: GradientSource, config: CurvatureConfig, indices: Sequence[int] | None = None
+) -> EigenbasisCurvature:
+    """Fit the K-FAC factors on the training set (or `indices`)."""
+    return EigenbasisCurvature(
+        fit_factors(source, config, indices), config, dict(source.provenance)
+    )
+
+
+def as_kfac(curvature: EigenbasisCurvature) -> EigenbasisCurvature:
+    """The K-FAC curvature (Λ = λ_S λ_Aᵀ) sharing an EK-FAC fit's factors and eigenbases."""
+    layers = {}
+    for name, layer in curvature.layers.items():
+        fields = dict(vars(layer))
+        fields["eigvals_weight"] = torch.outer(layer.eigvals_grad, layer.eigvals_act)
+        if layer.eigvals_bias is not None:
+            fields["eigvals_bias"] = layer.eigvals_grad.clone()
+        layers[name] = LayerCurvature(**fields)
+    config = dataclasses.replace(curvature.config, strategy="kfac")
+    return EigenbasisCurvature(layers, config, dict(curvature.provenance))

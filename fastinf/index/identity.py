@@ -1,0 +1,129 @@
+"""What an index is for: the identity its manifest records and everything it is checked
+against — the model, data and curvature, the gradient draws and damping, the compression."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from ..artifacts import ArtifactMismatchError, check_provenance, load_artifact, tensor_fingerprint
+from ..config import ScoreConfig
+from ..curvature import EigenbasisCurvature
+from ..source import GradientSource
+from .compress import CoordinateLayout, damped_ratio, make_compressor
+from .config import IndexConfig
+from .encode import Quantizer, VectorEncoder
+from .store import IndexStore
+
+__all__ = [
+    "COMPRESSOR",
+    "GRADIENT_FIELDS",
+    "build_id",
+    "check_gradients",
+    "check_identity",
+    "curvature_fingerprint",
+    "index_identity",
+    "load_encoder",
+]
+
+GRADIENT_FIELDS = ("train_draws", "train_objective", "seed", "damping", "damping_mode")
+COMPRESSOR = "compressor"
+SECTIONS = ("provenance", "curvature", "gradients")
+
+
+def curvature_fingerprint(curvature) -> str:
+    """SHA-256 (16 hex digits) of every layer's eigenbases and eigenvalues."""
+    digest = hashlib.sha256()
+    for name, layer in curvature.layers.items():
+        digest.update(name.encode())
+        for key in ("eigvecs_act", "eigvecs_grad", "eigvals_weight", "eigvals_bias"):
+            tensor = getattr(layer, key)
+            if tensor is not None:
+                digest.update(tensor_fingerprint(tensor).encode())
+    return digest.hexdigest()[:16]
+
+
+def index_identity(
+    source: GradientSource,
+    curvature: EigenbasisCurvature,
+    config: IndexConfig,
+    num_examples: int,
+    order_sha256: str,
+) -> dict:
+    """Everything the stored vectors depend on: model, data, curvature, gradient draws,
+    damping, compression and the build plan."""
+    return {
+        "provenance": dict(source.provenance),
+        "curvature": {
+            "config": curvature.config.fingerprint(),
+            "tensors": curvature_fingerprint(curvature),
+        },
+        "gradients": {name: getattr(source.config, name) for name in GRADIENT_FIELDS},
+        "vectors": config.vector_fingerprint(),
+        "plan": {
+            "num_examples": num_examples,
+            "shard_size": config.shard_size,
+            "order_sha256": order_sha256,
+        },
+    }
+
+
+def build_id(identity: dict) -> str:
+    """A short digest of an identity: the id every file of one build carries."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _flatten(identity: dict) -> dict:
+    """{"section.key": value} so a mismatch names the exact field."""
+    return {
+        f"{section}.{key}": value
+        for section, values in identity.items()
+        for key, value in values.items()
+    }
+
+
+def check_identity(what: str, recorded: dict, expected: dict, sections=None) -> None:
+    """ArtifactMismatchError naming the first field (`section.key`) where an index's
+    recorded identity differs from the expected one (in `sections`, default all)."""
+    keys = sections or tuple(expected)
+    check_provenance(
+        what,
+        _flatten({k: recorded.get(k, {}) for k in keys}),
+        _flatten({k: expected[k] for k in keys}),
+    )
+
+
+def check_gradients(manifest: dict, score: ScoreConfig) -> None:
+    """The score configuration must draw and damp train gradients as the build did."""
+    for name in GRADIENT_FIELDS:
+        if getattr(score, name) != manifest["gradients"][name]:
+            raise ArtifactMismatchError(
+                f"the index was built with {name}={manifest['gradients'][name]!r} but the "
+                f"engine now has {name}={getattr(score, name)!r}; set the engine's "
+                "ScoreConfig back or rebuild the index."
+            )
+
+
+def load_encoder(
+    store: IndexStore, curvature: EigenbasisCurvature, score: ScoreConfig, manifest: dict
+) -> tuple[VectorEncoder, Quantizer]:
+    """Rebuild the build's encoder and quantizer from the manifest and the saved state."""
+    tensors, meta = load_artifact(store.directory, COMPRESSOR)
+    if meta.get("build_id") != manifest["build_id"]:
+        raise ArtifactMismatchError(
+            f"{store.directory}/{COMPRESSOR}.json belongs to another index build; rebuild the "
+            "index."
+        )
+    config = IndexConfig(**manifest["config"])
+    layout = CoordinateLayout(curvature)
+    ranking = damped_ratio(curvature, score.damping, score.damping_mode)
+    compressor = make_compressor(layout, config, ranking, kept=tensors.get("kept"))
+    if compressor.fingerprint() != manifest["compressor"]:
+        raise ArtifactMismatchError(
+            f"the compressor rebuilt from the index's seed differs from the one it was built "
+            f"with (fingerprint {compressor.fingerprint()} vs {manifest['compressor']}): "
+            "another torch version draws other random numbers; rebuild the index."
+        )
+    encoder = VectorEncoder(curvature, score.damping, score.damping_mode, compressor)
+    return encoder, Quantizer(config.storage, tensors.get("scale"))
