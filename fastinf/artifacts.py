@@ -103,15 +103,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
     `write(tmp)` writes the content to a temporary path next to `path` (any writer that takes
     a path: safetensors, faiss, numpy, text); the bytes are flushed to disk, then renamed
-    over `path`, and the rename is flushed too. Returns `path`.
+    over `path`, and the rename is flushed too. If `write` fails, the temporary file is
+    removed and `path` is left as it was. Returns `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + TEMPORARY_SUFFIX)
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # ours, half-written; `path` is untouched
+        raise
     _sync_directory(path.parent)
     return path
 

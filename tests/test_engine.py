@@ -10,7 +10,7 @@ from fastinf.artifacts import ArtifactCorruptError, ArtifactMismatchError
 from fastinf.config import CurvatureConfig, ScoreConfig
 from fastinf.diffusion import NoiseSchedule
 from fastinf.engine import InfluenceEngine
-from fastinf.scoring import QueryCache
+from fastinf.queries import QueryCache
 
 from tiny import TinyConvEps, random_dataset, undocumented
 
