@@ -120,9 +120,7 @@ def main() -> None:
     # Calibration energies: mean squared whitened coordinate over the first examples.
     energy = {d: torch.zeros(layout.size, dtype=torch.float64) for d in DAMPINGS}
     for begin in range(0, CALIBRATION, BLOCK):
-        coords = exact[DAMPINGS[0]].project(
-            engine.train_gradients(positions[begin : begin + BLOCK])
-        )
+        coords = exact[DAMPINGS[0]].rotate(engine.train_gradients(positions[begin : begin + BLOCK]))
         for d in DAMPINGS:
             energy[d] += exact[d].compress(coords).double().square().sum(0) / CALIBRATION
     runs = {}
@@ -131,7 +129,7 @@ def main() -> None:
             (label, config, VectorEncoder(curvature, d[1], d[0], compressor))
             for label, config, compressor in variants(layout, curvature, d, layout.split(energy[d]))
         ]
-        query_coords = exact[d].project({n: (w.double(), b) for n, (w, b) in query_grads.items()})
+        query_coords = exact[d].rotate({n: (w.double(), b) for n, (w, b) in query_grads.items()})
         runs[d] = {
             "query_exact": exact[d].compress(query_coords).float(),
             "encoders": encoders,
@@ -141,9 +139,7 @@ def main() -> None:
         }
     print(f"setup {time.perf_counter() - start:.0f}s", flush=True)
     for begin in range(0, total, BLOCK):
-        coords = exact[DAMPINGS[0]].project(
-            engine.train_gradients(positions[begin : begin + BLOCK])
-        )
+        coords = exact[DAMPINGS[0]].rotate(engine.train_gradients(positions[begin : begin + BLOCK]))
         for d in DAMPINGS:
             run = runs[d]
             whitened = exact[d].compress(coords)

@@ -40,15 +40,10 @@ class InfluenceEngine:
     """Model + noise schedule + training set + fitted curvature, ready to attribute queries.
 
     Args:
-        model: an ε-prediction model, `model(x_t, t, cond) -> ε̂`, or a diffusers
-            `UNet2DModel` (wrapped automatically). Only its nn.Linear / nn.Conv2d layers are
-            attributed through (normalisation layers and embeddings are excluded).
-        schedule: the noise schedule the model was trained with.
-        train_set: a map-style Dataset of `(image [C, H, W], cond)` items (cond -1 or None =
-            unconditional) — pixels or VAE latents, in the model's input range.
-        config: draws, measurement, damping, block sizes (`ScoreConfig`).
-        sample_shape: (C, H, W) of one model input; read from the model or the data if None.
-        num_workers: DataLoader workers for streaming the training set.
+        model, schedule, train_set, config, sample_shape, num_workers: what the gradient
+            source is built on (`fastinf.source.GradientSource`): an ε-prediction model or a
+            diffusers `UNet2DModel`, its noise schedule, a map-style Dataset of
+            `(image, cond)` items, the draws and damping (`ScoreConfig`).
     """
 
     def __init__(

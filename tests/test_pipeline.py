@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fastinf.curvature
 from fastinf.artifacts import ArtifactMismatchError, atomic_write, atomic_write_text
 from fastinf.cli import build_parser
 from fastinf.config import CurvatureConfig, ScoreConfig
@@ -18,7 +19,7 @@ from fastinf.models import DIGITS_WEIGHTS_PATH, load_sidecar
 from fastinf.queries import QueryCache
 from fastinf.train import evaluate_loss
 
-from tiny import TinyConvEps, random_dataset
+from tiny import TinyConvEps, random_dataset, undocumented
 
 CONFIG = ScoreConfig(train_draws=2, query_draws=2, damping=1e-2)
 
@@ -37,6 +38,23 @@ def engine():
 @pytest.fixture
 def queries():
     return torch.rand(3, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def test_curvature_api_is_pinned_and_documented():
+    assert sorted(fastinf.curvature.__all__) == [
+        "Curvature",
+        "CurvatureError",
+        "EigenbasisCurvature",
+        "LayerCurvature",
+        "STRATEGIES",
+        "SketchedCurvature",
+        "Strategy",
+        "as_kfac",
+        "fit_curvature",
+        "load_curvature",
+        "require_eigenbasis",
+    ]
+    assert undocumented(fastinf.curvature) == []
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
@@ -140,4 +158,3 @@ def test_merge_topk_alone_orders_by_score_then_index():
     indices = torch.tensor([[4, 9, 2, -1]])
     top, which = merge_topk(scores, indices, 3)
     assert which.tolist() == [[2, 9, 4]] and top.tolist() == [[3.0, 3.0, 1.0]]
-
