@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastinf.diffusion import NoiseSchedule, Purpose
-from fastinf.models import as_eps_model, resolve_sample_shape
+from fastinf.models import as_eps_model, eval_mode, resolve_sample_shape
 
 __all__ = ["make_ddpm_scheduler", "sample_ddpm"]
 
@@ -99,20 +99,19 @@ def sample_ddpm(
     labels = _cond_vector(cond, num_samples)
     scheduler = make_ddpm_scheduler(schedule)
     scheduler.set_timesteps(num_inference_steps or schedule.num_timesteps)
-    was_training = model.training
-    model.eval()
-
     samples = []
-    for start in tqdm(range(0, num_samples, batch_size), disable=not progress, desc="sampling"):
-        indices = range(start, min(start + batch_size, num_samples))
-        generators = _sample_generators(seed, indices)
-        batch_labels = None if labels is None else labels[start : indices.stop].to(device)
-        x_t = torch.cat([torch.randn((1, *shape), generator=gen) for gen in generators])
-        x_t = x_t.to(device)
-        for timestep in scheduler.timesteps:
-            timesteps = torch.full((len(indices),), int(timestep), dtype=torch.int64, device=device)
-            eps_pred = model(x_t, timesteps, batch_labels)
-            x_t = scheduler.step(eps_pred, timestep, x_t, generator=generators).prev_sample
-        samples.append(x_t.clamp(-1.0, 1.0).to("cpu", torch.float32))
-    model.train(was_training)
+    with eval_mode(model):
+        for start in tqdm(range(0, num_samples, batch_size), disable=not progress, desc="sampling"):
+            indices = range(start, min(start + batch_size, num_samples))
+            generators = _sample_generators(seed, indices)
+            batch_labels = None if labels is None else labels[start : indices.stop].to(device)
+            x_t = torch.cat([torch.randn((1, *shape), generator=gen) for gen in generators])
+            x_t = x_t.to(device)
+            for timestep in scheduler.timesteps:
+                timesteps = torch.full(
+                    (len(indices),), int(timestep), dtype=torch.int64, device=device
+                )
+                eps_pred = model(x_t, timesteps, batch_labels)
+                x_t = scheduler.step(eps_pred, timestep, x_t, generator=generators).prev_sample
+            samples.append(x_t.clamp(-1.0, 1.0).to("cpu", torch.float32))
     return torch.cat(samples)

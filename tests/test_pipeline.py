@@ -17,6 +17,7 @@ from fastinf.engine import InfluenceEngine
 from fastinf.evaluation import measure_queries
 from fastinf.models import DIGITS_WEIGHTS_PATH, load_sidecar
 from fastinf.queries import QueryCache
+from fastinf.sampling import sample_ddpm
 from fastinf.train import evaluate_loss
 
 from tiny import TinyConvEps, random_dataset, undocumented
@@ -105,7 +106,9 @@ class _Exploding(TinyConvEps):
         raise RuntimeError("boom")
 
 
-@pytest.mark.parametrize("step", ["fit", "score", "evaluate_loss", "measure_queries"])
+@pytest.mark.parametrize(
+    "step", ["fit", "score", "evaluate_loss", "measure_queries", "sample_ddpm"]
+)
 def test_every_pass_restores_the_training_mode_even_when_it_fails(step, queries):
     model = _Exploding().double().train()
     data = random_dataset(4, (2, 5, 5))
@@ -116,6 +119,7 @@ def test_every_pass_restores_the_training_mode_even_when_it_fails(step, queries)
         "score": lambda: engine.with_config(curvature=_identity(engine)).score(queries),
         "evaluate_loss": lambda: evaluate_loss(model, data, schedule, num_draws=2),
         "measure_queries": lambda: measure_queries(model, schedule, queries, num_draws=2),
+        "sample_ddpm": lambda: sample_ddpm(model, schedule, 1, seed=0, sample_shape=(2, 5, 5)),
     }[step]
     with pytest.raises(RuntimeError, match="boom"):
         run()
