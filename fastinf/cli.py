@@ -10,33 +10,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors.torch import load_file
-
-from .artifacts import atomic_write_text
-from .config import CurvatureConfig, ScoreConfig
-from .data import ImageTensorDataset, load_digits_dataset
-from .engine import InfluenceEngine
+# Only light modules at the top: parsing, `--help` and every argument or path error answer
+# without importing torch, diffusers, faiss or scikit-learn (each command imports its own).
+from .config import DIGITS_STEPS, STRATEGY_NAMES, CurvatureConfig, ScoreConfig
 from .index.config import COMPRESSIONS, RANKINGS, SEARCHES, STORAGES, IndexConfig
-from .index.store import IndexStore
-from .models import (
-    DIGITS_STEPS,
-    default_schedule,
-    load_digits_model,
-    load_unet,
-    schedule_from_sidecar,
-)
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+TENSOR_SUFFIXES = (".safetensors", ".pt", ".npy")
+LDS_METHODS = ("ekfac", "kfac", "grad-dot", "trak", "dtrak")
 
 
-def load_tensors(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_tensors(path: str | Path):
     """(images, labels or None) from a .safetensors, .pt or .npy file."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
@@ -55,10 +50,18 @@ def load_tensors(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     return content["images"], content.get("labels")
 
 
-def _engine(args, config: ScoreConfig | None = None) -> InfluenceEngine:
-    if args.weights:
-        from .models import load_sidecar
+def _engine(args, config: ScoreConfig | None = None):
+    from .data import ImageTensorDataset, load_digits_dataset
+    from .engine import InfluenceEngine
+    from .models import (
+        default_schedule,
+        load_digits_model,
+        load_sidecar,
+        load_unet,
+        schedule_from_sidecar,
+    )
 
+    if args.weights:
         model = load_unet(args.weights)
         schedule = schedule_from_sidecar(load_sidecar(args.weights))
     else:
@@ -73,9 +76,13 @@ def _engine(args, config: ScoreConfig | None = None) -> InfluenceEngine:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--weights", help="UNet .safetensors with its JSON sidecar (default: digits)"
+        "--weights", help="UNet .safetensors with its JSON sidecar (default: the digits DDPM)"
     )
-    parser.add_argument("--data", help="training images file (default: scikit-learn digits)")
+    parser.add_argument(
+        "--data",
+        help="training images: .safetensors (`images`, optional `labels`), .pt or .npy "
+        "(default: scikit-learn digits)",
+    )
 
 
 def _score_config(args) -> ScoreConfig:
@@ -105,6 +112,7 @@ def _cmd_fit(args) -> int:
         kfac_approx=args.approx,
         factor_draws=args.factor_draws,
         eigval_draws=args.eigval_draws,
+        projection_dim=args.projection_dim,
         seed=args.seed,
     )
     start = time.perf_counter()
@@ -144,6 +152,8 @@ def _cmd_topk(args) -> int:
         return 0
     text = json.dumps(result.to_dict(), indent=1)
     if args.out:
+        from .artifacts import atomic_write_text
+
         atomic_write_text(args.out, text)
         print(f"top-{args.k} proponents and opponents of {queries.shape[0]} queries in {args.out}")
     else:
@@ -172,6 +182,8 @@ def _cmd_index(args) -> int:
     start = time.perf_counter()
     engine.build_index(args.out, config, overwrite=args.overwrite, load=False)
     if rank == 0:
+        from .index.store import IndexStore
+
         manifest = IndexStore(args.out).read_manifest()
         print(
             f"index of {manifest['plan']['num_examples']} examples ({manifest['dim']} "
@@ -211,9 +223,6 @@ def _lds_methods(names: str, damping: float, damping_mode: str, train_draws: int
         ),
     }
     chosen = [name.strip() for name in names.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(known))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {sorted(known)}.")
     return [known[name] for name in chosen]
 
 
@@ -240,54 +249,180 @@ def _cmd_lds(args) -> int:
     if args.counterfactual:
         rows += run.counterfactual(methods[0])
     if args.out:
+        from .artifacts import atomic_write_text
+
         atomic_write_text(args.out, json.dumps(rows, indent=1))
         print(f"rows written to {args.out}")
     return 0
 
 
+# -- argument types: a bad number is an argparse error (exit 2) before any work ------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not (0.0 <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not (0.0 < value < 1.0):
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
+
+
+def _help(cls, name: str) -> str:
+    """An option's help: the config field's own help text (one source for API and CLI)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return fields[name].metadata.get("help", name.replace("_", " "))
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless it has none or says it already);
+    the worked example keeps its lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        absent = action.default is None or action.default is False
+        if absent or action.default == argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _command(commands, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=f"example:\n  {example}",
+        formatter_class=_Formatter,
+    )
+
+
+SCORE_OPTIONS = {
+    "train_draws": dict(type=positive_int),
+    "query_draws": dict(type=positive_int),
+    "measurement": dict(choices=["loss", "timestep_loss", "elbo_simplified", "square_norm"]),
+    "damping": dict(type=nonnegative_float),
+    "damping_mode": dict(choices=["absolute", "relative"]),
+    "block_size": dict(type=positive_int),
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser, cls, options: dict, names) -> None:
+    """`--name` options for fields of a config dataclass, with its defaults and help."""
+    for name in names:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=getattr(cls, name),
+            help=_help(cls, name),
+            **options[name],
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastinf", description=__doc__.splitlines()[0])
+    """The `fastinf` parser: every option has a help line with its default."""
+    parser = argparse.ArgumentParser(
+        prog="fastinf", description=__doc__.splitlines()[0], formatter_class=_Formatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser(
-        "train", help="train the default digits DDPM (reproduces the shipped weights)"
+    train = _command(
+        commands,
+        "train",
+        "train the default digits DDPM (reproduces the shipped weights)",
+        "fastinf train --out my_weights/",
     )
-    train.add_argument("--out", required=True)
+    train.add_argument("--out", required=True, help="folder for the weights and their sidecar")
     train.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=DIGITS_STEPS,
-        help=f"optimiser steps (default {DIGITS_STEPS}, as the shipped weights were trained)",
+        help="optimiser steps (the shipped weights were trained with the default)",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of data order and noise")
+    train.add_argument("--force", action="store_true", help="replace weights already in --out")
     train.set_defaults(run=_cmd_train)
 
-    fit = commands.add_parser("fit", help="fit (E)K-FAC curvature on the training set")
+    fit = _command(
+        commands,
+        "fit",
+        "fit the curvature (EK-FAC by default) on the training set",
+        "fastinf fit --out curvature/",
+    )
     _add_model_args(fit)
-    fit.add_argument("--out", required=True, help="directory for the curvature artifact")
-    fit.add_argument("--strategy", choices=["ekfac", "kfac"], default="ekfac")
-    fit.add_argument("--ggn", choices=["model", "loss"], default="model")
-    fit.add_argument("--approx", choices=["expand", "reduce"], default="expand")
-    fit.add_argument("--factor-draws", type=int, default=CurvatureConfig.factor_draws)
-    fit.add_argument("--eigval-draws", type=int, default=CurvatureConfig.eigval_draws)
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--out", required=True, help="folder for the curvature artifact")
+    fit.add_argument(
+        "--strategy",
+        choices=list(STRATEGY_NAMES),
+        default=CurvatureConfig.strategy,
+        help=_help(CurvatureConfig, "strategy"),
+    )
+    fit.add_argument(
+        "--ggn", choices=["model", "loss"], default="model", help=_help(CurvatureConfig, "ggn")
+    )
+    fit.add_argument(
+        "--approx",
+        choices=["expand", "reduce"],
+        default="expand",
+        help="K-FAC approximation of weight-shared layers: "
+        + _help(CurvatureConfig, "kfac_approx"),
+    )
+    fit.add_argument(
+        "--factor-draws",
+        type=positive_int,
+        default=CurvatureConfig.factor_draws,
+        help=_help(CurvatureConfig, "factor_draws"),
+    )
+    fit.add_argument(
+        "--eigval-draws",
+        type=positive_int,
+        default=CurvatureConfig.eigval_draws,
+        help=_help(CurvatureConfig, "eigval_draws"),
+    )
+    fit.add_argument(
+        "--projection-dim",
+        type=positive_int,
+        default=CurvatureConfig.projection_dim,
+        help=_help(CurvatureConfig, "projection_dim"),
+    )
+    fit.add_argument("--seed", type=int, default=0, help=_help(CurvatureConfig, "seed"))
+    fit.add_argument("--force", action="store_true", help="replace a curvature already in --out")
     fit.set_defaults(run=_cmd_fit)
 
-    topk = commands.add_parser("topk", help="top proponents and opponents of query images")
-    _add_model_args(topk)
-    topk.add_argument("--curvature", required=True, help="directory written by `fastinf fit`")
-    source = topk.add_mutually_exclusive_group(required=True)
-    source.add_argument("--queries", help="query images file")
-    source.add_argument("--generate", type=int, help="sample this many queries from the model")
-    topk.add_argument("--k", type=int, default=10)
-    topk.add_argument("--train-draws", type=int, default=ScoreConfig.train_draws)
-    topk.add_argument("--query-draws", type=int, default=ScoreConfig.query_draws)
-    topk.add_argument("--measurement", default="loss")
-    topk.add_argument("--damping", type=float, default=ScoreConfig.damping)
-    topk.add_argument(
-        "--damping-mode", choices=["absolute", "relative"], default=ScoreConfig.damping_mode
+    topk = _command(
+        commands,
+        "topk",
+        "top proponents and opponents of query images",
+        "fastinf topk --curvature curvature/ --generate 8 --k 10 --out top.json",
     )
-    topk.add_argument("--block-size", type=int, default=ScoreConfig.block_size)
+    _add_model_args(topk)
+    topk.add_argument("--curvature", required=True, help="folder written by `fastinf fit`")
+    source = topk.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--queries", help="query images file (.safetensors `images`/`labels`, .pt or .npy)"
+    )
+    source.add_argument(
+        "--generate", type=positive_int, help="sample this many queries from the model"
+    )
+    topk.add_argument(
+        "--k", type=positive_int, default=10, help="proponents and opponents per query"
+    )
+    _add_config_args(topk, ScoreConfig, SCORE_OPTIONS, SCORE_OPTIONS)
     topk.add_argument("--seed", type=int, default=0, help="sampling seed for --generate")
     topk.add_argument("--out", help="write the JSON here instead of printing it")
     topk.add_argument(
@@ -297,94 +432,185 @@ def build_parser() -> argparse.ArgumentParser:
     )
     topk.add_argument(
         "--exact-rerank",
-        type=int,
+        type=nonnegative_int,
         default=None,
-        help="with --index: the top-C candidates of each query and sign that may be re-scored "
-        "exactly (default: the index's)",
+        help="needs --index: the top-C candidates of each query and sign that may be "
+        "re-scored exactly (None: the index's)",
     )
     topk.add_argument(
         "--rerank-sigmas",
-        type=float,
+        type=nonnegative_float,
         default=None,
-        help="with --index: re-score a candidate unless its place in or out of the top-k holds "
-        "at ± this many standard deviations of the index error (0: re-score all C; default: "
-        "the index's)",
+        help="needs --index: re-score a candidate unless its place in or out of the top-k "
+        "holds at ± this many standard deviations of the index error (0: re-score all C; "
+        "None: the index's)",
     )
     topk.set_defaults(run=_cmd_topk)
 
-    index = commands.add_parser(
+    index = _command(
+        commands,
         "index",
-        help="build (or resume) the persistent index of the training set; under "
+        "build (or resume) the persistent index of the training set; under "
         "`torchrun --nproc_per_node=N` the ranks share the work",
+        "fastinf index --curvature curvature/ --out index/",
     )
     _add_model_args(index)
-    index.add_argument("--curvature", required=True, help="directory written by `fastinf fit`")
-    index.add_argument("--out", required=True, help="index directory (resumed if it exists)")
-    index.add_argument("--train-draws", type=int, default=ScoreConfig.train_draws)
-    index.add_argument("--damping", type=float, default=ScoreConfig.damping)
+    index.add_argument("--curvature", required=True, help="folder written by `fastinf fit`")
+    index.add_argument("--out", required=True, help="index folder (resumed if it exists)")
+    score_names = ("train_draws", "damping", "damping_mode", "block_size")
+    _add_config_args(index, ScoreConfig, SCORE_OPTIONS, score_names)
+    options = {
+        "compression": dict(choices=list(COMPRESSIONS)),
+        "dim": dict(type=positive_int),
+        "storage": dict(choices=list(STORAGES)),
+        "rank_by": dict(choices=list(RANKINGS)),
+        "sketch_seed": dict(type=int),
+        "calibration_examples": dict(type=positive_int),
+        "shard_size": dict(type=positive_int),
+        "search": dict(choices=list(SEARCHES)),
+        "nlist": dict(type=positive_int),
+        "nprobe": dict(type=positive_int),
+    }
+    _add_config_args(index, IndexConfig, options, options)
     index.add_argument(
-        "--damping-mode", choices=["absolute", "relative"], default=ScoreConfig.damping_mode
-    )
-    index.add_argument("--block-size", type=int, default=ScoreConfig.block_size)
-    index.add_argument("--compression", choices=list(COMPRESSIONS), default=IndexConfig.compression)
-    index.add_argument("--dim", type=int, default=IndexConfig.dim)
-    index.add_argument("--storage", choices=list(STORAGES), default=IndexConfig.storage)
-    index.add_argument("--rank-by", choices=list(RANKINGS), default=IndexConfig.rank_by)
-    index.add_argument("--sketch-seed", type=int, default=IndexConfig.sketch_seed)
-    index.add_argument("--calibration-examples", type=int, default=IndexConfig.calibration_examples)
-    index.add_argument("--shard-size", type=int, default=IndexConfig.shard_size)
-    index.add_argument("--search", choices=list(SEARCHES), default=IndexConfig.search)
-    index.add_argument("--nlist", type=int, default=IndexConfig.nlist)
-    index.add_argument("--nprobe", type=int, default=IndexConfig.nprobe)
-    index.add_argument(
-        "--overwrite", action="store_true", help="replace an index of another configuration"
+        "--overwrite",
+        action="store_true",
+        help="replace an index of another configuration in --out",
     )
     index.set_defaults(
         run=_cmd_index, query_draws=ScoreConfig.query_draws, measurement=ScoreConfig.measurement
     )
 
-    lds = commands.add_parser(
-        "lds", help="linear data-modelling score of methods on digits (retrains, cached)"
+    lds = _command(
+        commands,
+        "lds",
+        "linear data-modelling score of methods on digits (retrains, cached)",
+        "fastinf lds --run-dir lds_run/ --methods ekfac,trak --subsets 50",
     )
     lds.add_argument("--run-dir", required=True, help="cache of models, fits and scores")
     lds.add_argument(
-        "--methods", default="ekfac,grad-dot", help="comma list: ekfac,kfac,grad-dot,trak,dtrak"
+        "--methods",
+        default="ekfac,grad-dot",
+        help=f"comma list of: {', '.join(LDS_METHODS)}",
     )
-    lds.add_argument("--subsets", type=int, default=50, help="M retrained subsets")
-    lds.add_argument("--oracle-subsets", type=int, default=25, help="subsets with a 2nd seed")
-    lds.add_argument("--fraction", type=float, default=0.5, help="α kept per subset")
-    lds.add_argument("--num-train", type=int, default=1000, help="digits in the training set")
-    lds.add_argument("--queries", type=int, default=32, help="generated queries")
-    lds.add_argument("--steps", type=int, default=500, help="training steps of every model")
-    lds.add_argument("--damping", type=float, default=ScoreConfig.damping)
+    lds.add_argument("--subsets", type=positive_int, default=50, help="M retrained subsets")
     lds.add_argument(
-        "--damping-mode", choices=["absolute", "relative"], default=ScoreConfig.damping_mode
+        "--oracle-subsets", type=positive_int, default=25, help="subsets retrained with a 2nd seed"
     )
-    lds.add_argument("--train-draws", type=int, default=ScoreConfig.train_draws)
-    lds.add_argument("--query-draws", type=int, default=ScoreConfig.query_draws)
-    lds.add_argument("--workers", type=int, default=2, help="parallel retraining processes")
-    lds.add_argument("--seed", type=int, default=0)
+    lds.add_argument("--fraction", type=fraction, default=0.5, help="α kept per subset")
+    lds.add_argument(
+        "--num-train", type=positive_int, default=1000, help="digits in the training set"
+    )
+    lds.add_argument("--queries", type=positive_int, default=32, help="generated queries")
+    lds.add_argument(
+        "--steps", type=positive_int, default=500, help="training steps of every model"
+    )
+    score_names = ("train_draws", "query_draws", "damping", "damping_mode")
+    _add_config_args(lds, ScoreConfig, SCORE_OPTIONS, score_names)
+    lds.add_argument(
+        "--workers", type=positive_int, default=2, help="parallel retraining processes"
+    )
+    lds.add_argument("--seed", type=int, default=0, help="seed of subsets and queries")
     lds.add_argument(
         "--counterfactual", action="store_true", help="also retrain without top influences"
     )
     lds.add_argument("--out", help="write the rows as JSON here")
     lds.set_defaults(run=_cmd_lds)
 
-    demo = commands.add_parser(
-        "demo", help="sample, fit, attribute and draw the grid on the digits default"
+    demo = _command(
+        commands,
+        "demo",
+        "sample, fit, attribute and draw the grid on the digits default",
+        "fastinf demo --out demo_out",
     )
-    demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--queries", type=int, default=8)
-    demo.add_argument("--k", type=int, default=6)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="demo_out", help="folder for grid.png and results.json")
+    demo.add_argument("--queries", type=positive_int, default=8, help="samples to attribute")
+    demo.add_argument("--k", type=positive_int, default=6, help="proponents and opponents shown")
+    demo.add_argument("--seed", type=int, default=0, help="sampling seed")
     demo.set_defaults(run=_cmd_demo)
     return parser
+
+
+# -- checks before any work ---------------------------------------------------------------
+def _existing_file(path: str, option: str, suffixes: tuple[str, ...] | None = None) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{option} {path}: no such file.")
+    if suffixes and Path(path).suffix not in suffixes:
+        raise ValueError(f"{option} {path}: use a {', '.join(suffixes)} file.")
+
+
+def _existing_artifact(path: str, option: str, marker: str, maker: str) -> None:
+    if not (Path(path) / marker).is_file():
+        raise FileNotFoundError(f"{option} {path}: no {marker} there; create it with `{maker}`.")
+
+
+def _output_folder(path: str, option: str) -> None:
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{option} {path} is an existing file; name a folder.")
+
+
+def _output_file(path: str | None, option: str) -> None:
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"{option} {path} is a folder; name a file to write.")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse missing inputs, outputs of the wrong kind, finished work that would be
+    replaced and options given without the one they need — before anything is computed."""
+    if getattr(args, "weights", None):
+        _existing_file(args.weights, "--weights", (".safetensors",))
+        _existing_file(str(Path(args.weights).with_suffix(".json")), "--weights' sidecar")
+    if getattr(args, "data", None):
+        _existing_file(args.data, "--data", TENSOR_SUFFIXES)
+    if args.command == "topk" and args.queries:
+        _existing_file(args.queries, "--queries", TENSOR_SUFFIXES)
+    if getattr(args, "curvature", None):
+        _existing_artifact(args.curvature, "--curvature", "curvature.json", "fastinf fit")
+    command = args.command
+    if command in ("train", "fit", "index", "demo"):
+        _output_folder(args.out, "--out")
+    if command == "lds":
+        _output_folder(args.run_dir, "--run-dir")
+    if command in ("topk", "lds"):
+        _output_file(args.out, "--out")
+    if command == "fit" and not args.force and (Path(args.out) / "curvature.json").exists():
+        raise ValueError(
+            f"--out {args.out} already holds a curvature (indexes built on it would no longer "
+            "match); pass --force to replace it, or choose another folder."
+        )
+    if command == "train" and not args.force and any(Path(args.out).glob("*.safetensors")):
+        raise ValueError(
+            f"--out {args.out} already holds weights; pass --force to replace them, or choose "
+            "another folder."
+        )
+    if command == "topk":
+        if args.index:
+            _existing_artifact(args.index, "--index", "index.json", "fastinf index")
+        else:
+            for option in ("exact_rerank", "rerank_sigmas"):
+                if getattr(args, option) is not None:
+                    flag = "--" + option.replace("_", "-")
+                    raise ValueError(f"{flag} needs --index (it re-ranks an index's candidates).")
+    if command == "lds":
+        unknown = sorted(
+            {m.strip() for m in args.methods.split(",") if m.strip()} - set(LDS_METHODS)
+        )
+        if unknown:
+            raise ValueError(f"--methods: unknown {unknown}; choose from {list(LDS_METHODS)}.")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"fastinf {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"fastinf {args.command}: interrupted; finished files were kept (an index build "
+            "resumes where it stopped when run again).",
+            file=sys.stderr,
+        )
+        return 130

@@ -7,10 +7,14 @@ speed or memory (batch and block sizes) are not, so artifacts stay reusable acro
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["STRATEGY_NAMES", "CurvatureConfig", "ScoreConfig", "config_from_dict"]
+__all__ = ["DIGITS_STEPS", "STRATEGY_NAMES", "CurvatureConfig", "ScoreConfig", "config_from_dict"]
+
+DIGITS_STEPS = 5000
+"""Optimiser steps of the shipped digits weights (their sidecar records them)."""
 
 STRATEGY_NAMES = ("ekfac", "kfac", "identity", "trak")
 """The curvature strategies (`fastinf.curvature.STRATEGIES` implements each)."""
@@ -134,8 +138,8 @@ class ScoreConfig:
         _check_positive(owner, "batch_size", self.batch_size)
         _check_choice(owner, "train_objective", self.train_objective, ("loss", "square_norm"))
         _check_choice(owner, "damping_mode", self.damping_mode, ("absolute", "relative"))
-        if not (self.damping >= 0.0):
-            raise ValueError(f"ScoreConfig.damping={self.damping!r} must be >= 0.")
+        if not (0.0 <= self.damping < math.inf):
+            raise ValueError(f"ScoreConfig.damping={self.damping!r} must be finite and >= 0.")
 
     def query_fingerprint(self) -> dict[str, Any]:
         """The fields that change a cached preconditioned query."""

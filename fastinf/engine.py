@@ -28,7 +28,10 @@ from torch.utils.data import Dataset
 from .config import CurvatureConfig, ScoreConfig
 from .curvature import Curvature, fit_curvature, load_curvature, require_eigenbasis
 from .diffusion import NoiseSchedule
-from .index import IndexConfig, IndexScorer, TrainingIndex, build_index
+from .index.build import build_index
+from .index.config import IndexConfig
+from .index.index import TrainingIndex
+from .index.scorer import IndexScorer
 from .queries import QueryCache, QueryPreparer
 from .scoring import ExactScorer, InfluenceResult, Scorer
 from .source import GradientSource, LayerGrads

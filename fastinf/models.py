@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 DIGITS_WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "digits_unet.safetensors"
-DIGITS_STEPS = 5000  # optimiser steps of the shipped weights (their sidecar records them)
 
 
 class DiffusersEpsModel(nn.Module):

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from fastinf.data import batch_cond, load_digits_dataset, validate_images
 from fastinf.diffusion import MEASUREMENTS, NoiseSchedule, Purpose
 from fastinf.gradients import DrawSpec, ExampleBlock, forward_draws, predict_noise
+from fastinf.config import DIGITS_STEPS
 from fastinf.models import (
-    DIGITS_STEPS,
     DIGITS_WEIGHTS_PATH,
     as_eps_model,
     default_schedule,

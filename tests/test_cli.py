@@ -107,4 +107,4 @@ def test_lds_methods_are_engine_settings_and_unknown_ones_are_named(tmp_path, ca
     assert methods[4].curvature.objective == "square_norm"
     code = main(["lds", "--run-dir", str(tmp_path), "--methods", "ekfac,magic"])
     assert code == 2
-    assert "unknown methods ['magic']" in capsys.readouterr().err
+    assert "--methods: unknown ['magic']" in capsys.readouterr().err

@@ -13,10 +13,27 @@ stored values), `store` (files on disk), `identity` (what an index was built for
 (queries → search → bounded exact re-rank).
 """
 
-from .build import build_index
-from .compress import COMPRESSORS
-from .config import IndexConfig
-from .index import TrainingIndex
-from .scorer import IndexScorer
+import importlib
 
-__all__ = ["COMPRESSORS", "IndexConfig", "IndexScorer", "TrainingIndex", "build_index"]
+# Public name → the module defining it, imported on first use (`fastinf.index.config` is
+# read by the command line's parser without loading torch or faiss).
+_EXPORTS = {
+    "COMPRESSORS": "compress",
+    "IndexConfig": "config",
+    "IndexScorer": "scorer",
+    "TrainingIndex": "index",
+    "build_index": "build",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
