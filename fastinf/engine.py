@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .artifacts import ArtifactCorruptError, ArtifactMismatchError
 from .config import CurvatureConfig, ScoreConfig
 from .curvature import Curvature, fit_curvature, load_curvature, require_eigenbasis
 from .diffusion import NoiseSchedule
@@ -124,6 +125,7 @@ class InfluenceEngine:
         """Build (or resume) the persistent index of the training set in `directory`
         (`fastinf.index.build_index`) and, unless `load=False`, load it for `score`."""
         curvature = self._require_curvature()
+        self.index = None  # an index of this folder in memory would be stale
         build_index(self.source, curvature, directory, config, indices=indices, overwrite=overwrite)
         return self.load_index(directory, verify=False) if load else None
 
@@ -208,7 +210,9 @@ class InfluenceEngine:
         `exact_rerank=C` re-scores the uncertain among every query's top-C candidates
         exactly, `rerank_sigmas` sets how sure the rest must be (`IndexScorer.topk`).
         """
-        return self.scorer.topk(
+        # Chosen examples are scored exactly, whatever index is loaded.
+        scorer = self._exact() if indices is not None else self.scorer
+        return scorer.topk(
             queries,
             k,
             cond=cond,
@@ -283,7 +287,8 @@ def default_engine(cache_dir: str | os.PathLike | None = None) -> InfluenceEngin
         directory = Path(cache_dir or os.environ.get("FASTINF_CACHE", ".fastinf_cache")) / "digits"
         try:
             engine.load_curvature(directory)
-        except FileNotFoundError:
+        except (FileNotFoundError, ArtifactCorruptError, ArtifactMismatchError):
+            # The cache is fastinf's own: missing, damaged or from another version, refit it.
             engine.fit()
             engine.save_curvature(directory)
         _DEFAULT_ENGINE = engine

@@ -115,6 +115,7 @@ class QueryPreparer:
         return {
             "score_config": self.source.config.query_fingerprint(),
             "curvature": self.curvature.config.fingerprint(),
+            "curvature_tensors": self.curvature.fingerprint(),
             **self.source.provenance,
         }
 

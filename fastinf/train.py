@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from fastinf.config import DIGITS_STEPS
 from fastinf.data import batch_cond, load_digits_dataset, validate_images
 from fastinf.diffusion import MEASUREMENTS, NoiseSchedule, Purpose
 from fastinf.gradients import DrawSpec, ExampleBlock, forward_draws, predict_noise
-from fastinf.config import DIGITS_STEPS
 from fastinf.models import (
     DIGITS_WEIGHTS_PATH,
     as_eps_model,

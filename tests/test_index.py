@@ -11,7 +11,7 @@ import torch
 import fastinf.index
 from fastinf.artifacts import ArtifactCorruptError, ArtifactMismatchError
 from fastinf.config import CurvatureConfig
-from fastinf.curvature import CurvatureError
+from fastinf.curvature import CurvatureError, as_kfac
 from fastinf.diffusion import NoiseSchedule
 from fastinf.engine import InfluenceEngine
 from fastinf.index import IndexConfig, TrainingIndex
@@ -494,3 +494,47 @@ def test_missing_index_and_trak_curvature_say_what_to_do(engine, tmp_path):
 def test_default_config_fits_the_budget():
     config = IndexConfig()
     assert config.bytes_per_example(config.dim) <= 16 * 1024
+
+
+def test_an_index_answers_only_for_its_own_curvature_and_draws(fitted, engine, tmp_path):
+    _, queries, exact = fitted
+    engine.build_index(tmp_path, EXACT)
+    # Chosen examples are scored exactly even by a view whose damping the index lacks.
+    view = engine.with_config(damping=CONFIG.damping * 10)
+    subset = view.score(queries, k=2, indices=[0, 3, 5], return_scores=True)
+    assert subset.scores.shape == (5, 3)
+    with pytest.raises(ArtifactMismatchError, match="damping"):
+        view.score(queries, k=2)
+    # Another curvature in the engine: refused, not searched with the old vectors.
+    original = engine.curvature
+    engine.curvature = as_kfac(original)
+    try:
+        with pytest.raises(ArtifactMismatchError, match="curvature"):
+            engine.score(queries, k=2)
+    finally:
+        engine.curvature = original
+    assert torch.equal(engine.score(queries, k=3).proponents.indices, exact.proponents.indices)
+    # Rebuilding without loading leaves no stale index in memory.
+    engine.build_index(tmp_path / "other", EXACT, load=False)
+    assert engine.index is None
+
+
+def test_overwrite_deletes_only_the_index_files_and_refuses_foreign_ones(engine, tmp_path):
+    engine.build_index(tmp_path, EXACT, load=False)
+    (tmp_path / "shards" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"fastinf did not write \(shards/notes.txt\)"):
+        engine.build_index(tmp_path, dataclasses.replace(EXACT, shard_size=3), overwrite=True)
+    assert (tmp_path / "shards" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "index.json").exists()
+    (tmp_path / "shards" / "notes.txt").unlink()
+    rebuilt = engine.build_index(tmp_path, dataclasses.replace(EXACT, shard_size=3), overwrite=True)
+    assert rebuilt.config.shard_size == 3
+
+
+def test_query_caches_of_two_fits_with_one_config_are_not_mixed(fitted, engine):
+    _, queries, _ = fitted
+    cache = engine.prepare_queries(queries[:2])
+    other = engine.with_config()
+    other.fit(CurvatureConfig(factor_draws=2, eigval_draws=2), indices=[0, 1, 2, 3])
+    with pytest.raises(ArtifactMismatchError, match="curvature_tensors"):
+        other.score(cache, k=2)

@@ -10,6 +10,7 @@ self-influence and the index need. A strategy without one (TRAK's sketch) is sim
 
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
@@ -17,7 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from ..artifacts import save_artifact
+from ..artifacts import save_artifact, tensor_fingerprint
 from ..config import CurvatureConfig
 from ..layers import LayerInfo
 from ..source import LayerGrads
@@ -48,6 +49,7 @@ class Curvature(ABC):
     def __init__(self, config: CurvatureConfig, provenance: dict):
         self.config = config
         self.provenance = provenance
+        self._fingerprint: str | None = None
 
     @abstractmethod
     def precondition(self, grads: LayerGrads, damping: float, mode: str = "absolute") -> LayerGrads:
@@ -65,6 +67,21 @@ class Curvature(ABC):
     @abstractmethod
     def tensors(self) -> dict[str, Tensor]:
         """What `save` writes, by key; the strategy's `load` reads them back."""
+
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex digits) of what preconditioning reads (computed once: a fitted
+        curvature is not changed afterwards)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for key, tensor in self.fingerprinted():
+                digest.update(key.encode())
+                digest.update(tensor_fingerprint(tensor).encode())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def fingerprinted(self) -> list[tuple[str, Tensor]]:
+        """(key, tensor) pairs the fingerprint covers, in a fixed order."""
+        return sorted(self.tensors().items())
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write `curvature.safetensors` + `curvature.json` into `directory`."""
@@ -114,6 +131,16 @@ class EigenbasisCurvature(Curvature):
 
     def layer_names(self) -> list[str]:
         return list(self.layers)
+
+    def fingerprinted(self) -> list[tuple[str, Tensor]]:
+        """Each layer's eigenbases and eigenvalues, by layer (what an index records)."""
+        keys = ("eigvecs_act", "eigvecs_grad", "eigvals_weight", "eigvals_bias")
+        return [
+            (name, tensor)
+            for name, layer in self.layers.items()
+            for tensor in (getattr(layer, key) for key in keys)
+            if tensor is not None
+        ]
 
     def damping_value(self, name: str, damping: float, mode: str) -> float:
         """λ for one layer: absolute, or `damping` × mean of the layer's eigenvalues."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,7 +28,7 @@ from .config import IndexConfig
 from .encode import Quantizer, VectorEncoder
 from .identity import COMPRESSOR, build_id, check_identity, index_identity, load_encoder
 from .search import SearchIndex
-from .store import ORDER, SEARCH_FILE, SHARDS, BuildPlan, IndexStore, npy_bytes
+from .store import BuildPlan, IndexStore, npy_bytes
 
 __all__ = ["build_index"]
 
@@ -139,18 +138,6 @@ def _finalize(store: IndexStore, manifest: dict, quantizer: Quantizer) -> None:
     store.write_manifest(manifest)
 
 
-def _remove_index_files(store: IndexStore) -> None:
-    for name in (
-        "index.json",
-        ORDER,
-        f"{COMPRESSOR}.json",
-        f"{COMPRESSOR}.safetensors",
-        SEARCH_FILE,
-    ):
-        (store.directory / name).unlink(missing_ok=True)
-    shutil.rmtree(store.directory / SHARDS, ignore_errors=True)
-
-
 def build_index(
     source: GradientSource,
     curvature: Curvature,
@@ -180,7 +167,7 @@ def build_index(
         raise ValueError("the index needs at least one training example.")
     if rank == 0:
         if overwrite:
-            _remove_index_files(store)
+            store.remove()
         _prepare(store, source, curvature, config, order)
     barrier()
     manifest = store.read_manifest()

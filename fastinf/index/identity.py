@@ -6,41 +6,29 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..artifacts import ArtifactMismatchError, check_provenance, load_artifact, tensor_fingerprint
+from ..artifacts import ArtifactMismatchError, check_provenance, load_artifact
 from ..config import ScoreConfig
-from ..curvature import EigenbasisCurvature
+from ..curvature import Curvature, EigenbasisCurvature
 from ..source import GradientSource
 from .compress import CoordinateLayout, damped_ratio, make_compressor
 from .config import IndexConfig
 from .encode import Quantizer, VectorEncoder
-from .store import IndexStore
+from .store import COMPRESSOR_STEM, IndexStore
 
 __all__ = [
     "COMPRESSOR",
     "GRADIENT_FIELDS",
     "build_id",
+    "check_curvature",
     "check_gradients",
     "check_identity",
-    "curvature_fingerprint",
     "index_identity",
     "load_encoder",
 ]
 
 GRADIENT_FIELDS = ("train_draws", "train_objective", "seed", "damping", "damping_mode")
-COMPRESSOR = "compressor"
+COMPRESSOR = COMPRESSOR_STEM
 SECTIONS = ("provenance", "curvature", "gradients")
-
-
-def curvature_fingerprint(curvature) -> str:
-    """SHA-256 (16 hex digits) of every layer's eigenbases and eigenvalues."""
-    digest = hashlib.sha256()
-    for name, layer in curvature.layers.items():
-        digest.update(name.encode())
-        for key in ("eigvecs_act", "eigvecs_grad", "eigvals_weight", "eigvals_bias"):
-            tensor = getattr(layer, key)
-            if tensor is not None:
-                digest.update(tensor_fingerprint(tensor).encode())
-    return digest.hexdigest()[:16]
 
 
 def index_identity(
@@ -56,7 +44,7 @@ def index_identity(
         "provenance": dict(source.provenance),
         "curvature": {
             "config": curvature.config.fingerprint(),
-            "tensors": curvature_fingerprint(curvature),
+            "tensors": curvature.fingerprint(),
         },
         "gradients": {name: getattr(source.config, name) for name in GRADIENT_FIELDS},
         "vectors": config.vector_fingerprint(),
@@ -92,6 +80,18 @@ def check_identity(what: str, recorded: dict, expected: dict, sections=None) -> 
         _flatten({k: recorded.get(k, {}) for k in keys}),
         _flatten({k: expected[k] for k in keys}),
     )
+
+
+def check_curvature(manifest: dict, curvature: Curvature) -> None:
+    """The curvature that preconditions queries must be the one the index was built with
+    (else the search and the exact re-rank would rank by different scores)."""
+    tensors = manifest["curvature"]["tensors"]
+    mine = curvature.fingerprint() if isinstance(curvature, EigenbasisCurvature) else None
+    if mine != tensors:
+        raise ArtifactMismatchError(
+            f"the index was built with the curvature {tensors}, the engine now holds "
+            f"{mine or curvature.config.strategy!r}; load that curvature or rebuild the index."
+        )
 
 
 def check_gradients(manifest: dict, score: ScoreConfig) -> None:

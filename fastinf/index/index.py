@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..curvature import Curvature, require_eigenbasis
-from ..distributed import all_gather_objects, merge_topk, rank_world
+from ..distributed import all_gather_objects, merge_topk, owned, rank_world
 from ..scoring import TopK
 from ..source import GradientSource
 from .config import IndexConfig
@@ -91,7 +91,7 @@ class TrainingIndex:
                     f"a sharded search needs search='flat' (this index is {self.config.search!r});"
                     " load it unsharded."
                 )
-            records = [r for r in records if r["shard"] % self.world == self.rank]
+            records = owned(sorted(records, key=lambda r: r["shard"]), self.rank, self.world)
         self.rows = torch.cat([torch.arange(r["start"], r["stop"]) for r in records])
         self.shards = [store.open_shard(record, verify=verify) for record in records]
         self._norms: Tensor | None = None

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..queries import QueryCache
 from ..scoring import ExactScorer, InfluenceResult, TopK
-from .identity import check_gradients
+from .identity import check_curvature, check_gradients
 from .index import TrainingIndex
 
 __all__ = ["IndexScorer", "bounded_rerank"]
@@ -38,6 +38,8 @@ class IndexScorer:
 
     def __init__(self, index: TrainingIndex, exact: ExactScorer):
         check_gradients(index.manifest, exact.source.config)
+        if exact.preparer is not None:
+            check_curvature(index.manifest, exact.preparer.curvature)
         self.index = index
         self.exact = exact
         self.source = exact.source

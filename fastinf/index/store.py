@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ ORDER = "order.npy"
 SHARDS = "shards"
 SEARCH_FILE = "search.faiss"
 KIND = "fastinf-index"
+COMPRESSOR_STEM = "compressor"
+_SHARD_FILE = re.compile(rf"{SHARDS}/shard_\d{{5}}\.(npy|json)")
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,37 @@ class IndexStore:
                 f"the index's {what} ({path}) does not match its checksum: the file is truncated "
                 "or altered; delete it (and its .json for a shard) and resume the build."
             )
+
+    def _is_own(self, path: Path) -> bool:
+        """Whether `path` (inside the directory) is a file or folder an index build writes."""
+        name = path.relative_to(self.directory).as_posix().removesuffix(TEMPORARY_SUFFIX)
+        top = (MANIFEST, ORDER, f"{COMPRESSOR_STEM}.json", f"{COMPRESSOR_STEM}.safetensors")
+        return name in (*top, SEARCH_FILE, SHARDS) or bool(_SHARD_FILE.fullmatch(name))
+
+    def remove(self) -> None:
+        """Delete this index's files (for a rebuild), and only those.
+
+        Raises:
+            ValueError: the folder holds anything an index build does not write (named), or
+                an `index.json` that is not a fastinf index: nothing is deleted then.
+        """
+        if not self.directory.is_dir():
+            return
+        if self.manifest_path.exists() and _read_json(self.manifest_path).get("kind") != KIND:
+            raise ValueError(
+                f"{self.manifest_path} is not a fastinf index; it was not replaced. Choose "
+                "another folder."
+            )
+        entries = sorted(self.directory.rglob("*"))
+        foreign = [p.relative_to(self.directory).as_posix() for p in entries if not self._is_own(p)]
+        if foreign:
+            raise ValueError(
+                f"{self.directory} holds files fastinf did not write ({', '.join(foreign[:5])}"
+                f"{', …' if len(foreign) > 5 else ''}); nothing was deleted. Move them away or "
+                "choose another folder."
+            )
+        for path in reversed(entries):  # files before the folder holding them
+            path.rmdir() if path.is_dir() else path.unlink()
 
     def remove_temporary(self) -> None:
         """Drop half-written files a killed build left behind."""

@@ -1,9 +1,9 @@
 """PyTorch reference for the EK-FAC eigenvalue pass (DESIGN.md §1, "EK-FAC").
 
 out += Σ_d (Q_Sᵀ G_d Q_A)^∘2 with G_d = Σ_r grad[d, r] ⊗ act[d, r].
-Projects rows first or materialises every G_d, whichever costs fewer multiply-adds
-(:func:`choose_route`); computes in float32, or float64 when ``out`` or an input is
-float64.
+Rotates rows into the eigenbasis first or materialises every G_d, whichever costs fewer
+multiply-adds (:func:`choose_route`); computes in float32, or float64 when ``out`` or an
+input is float64.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ __all__ = ["choose_route", "eigval_accumulate"]
 
 
 def choose_route(n_rows: int, d_in: int, d_out: int) -> Literal["rows", "summed"]:
-    """Pick the cheaper way to project a factored gradient G = Σ_r b_r a_rᵀ.
+    """Pick the cheaper way to rotate a factored gradient G = Σ_r b_r a_rᵀ.
 
-    ``"rows"`` projects every row first (a_r Q_A, b_r Q_S): R(d_in² + d_out²) multiply-adds.
-    ``"summed"`` forms G and projects it: d_out²·d_in + d_out·d_in². Both also pay
+    ``"rows"`` rotates every row first (a_r Q_A, b_r Q_S): R(d_in² + d_out²) multiply-adds.
+    ``"summed"`` forms G and rotates it: d_out²·d_in + d_out·d_in². Both also pay
     R·d_out·d_in to contract over the R rows, so that term does not decide. Ties go to rows.
 
     Args:
@@ -57,9 +57,9 @@ def eigval_accumulate(
     act, grad = act.to(dtype), grad.to(dtype)
     eigvecs_act, eigvecs_grad = eigvecs_act.to(dtype), eigvecs_grad.to(dtype)
     if choose_route(act.shape[1], act.shape[2], grad.shape[2]) == "rows":
-        projected = (grad @ eigvecs_grad).transpose(1, 2) @ (act @ eigvecs_act)
+        rotated = (grad @ eigvecs_grad).transpose(1, 2) @ (act @ eigvecs_act)
     else:
         grads = grad.transpose(1, 2) @ act  # [D, d_out, d_in]
-        projected = eigvecs_grad.T @ grads @ eigvecs_act
-    out += projected.square().sum(dim=0).to(out.dtype)
+        rotated = eigvecs_grad.T @ grads @ eigvecs_act
+    out += rotated.square().sum(dim=0).to(out.dtype)
     return out
