@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 # without importing torch, diffusers, faiss or scikit-learn (each command imports its own).
 from .config import DIGITS_STEPS, STRATEGY_NAMES, CurvatureConfig, ScoreConfig
 from .index.config import COMPRESSIONS, RANKINGS, SEARCHES, STORAGES, IndexConfig
+from .locks import writer_lock
 
 __all__ = ["build_parser", "main"]
 
@@ -35,19 +38,41 @@ def load_tensors(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
-    if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path)), None
-    if path.suffix == ".safetensors":
-        content = load_file(str(path))
-    elif path.suffix == ".pt":
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    else:
+    if path.suffix not in TENSOR_SUFFIXES:
         raise ValueError(f"{path}: use a .safetensors, .pt or .npy file.")
-    if isinstance(content, torch.Tensor):
-        return content, None
-    if "images" not in content:
-        raise ValueError(f"{path} has no 'images' entry (found {sorted(content)}).")
-    return content["images"], content.get("labels")
+    try:
+        if path.suffix == ".npy":
+            content = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".safetensors":
+            content = load_file(str(path))
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # each reader fails its own way on a damaged file
+        raise ValueError(
+            f"{path} cannot be read as {path.suffix} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'empty or truncated'}); "
+            "write it again."
+        ) from None
+    labels = None
+    if not isinstance(content, torch.Tensor):
+        if not isinstance(content, dict) or "images" not in content:
+            found = sorted(content) if isinstance(content, dict) else type(content).__name__
+            raise ValueError(f"{path} has no 'images' entry (found {found}).")
+        content, labels = content["images"], content.get("labels")
+    if content.numel() == 0:
+        raise ValueError(f"{path} holds no images (shape {tuple(content.shape)}).")
+    if not content.is_floating_point():
+        raise ValueError(
+            f"{path} holds {content.dtype} pixels; fastinf needs floating images in the "
+            "model's input range (e.g. [-1, 1]): convert and scale them, e.g. "
+            "images.float() / 127.5 - 1 for 0..255 pixels."
+        )
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            raise ValueError(f"{path}: labels must be whole class numbers, got {labels[:5]}.")
+        labels = labels.long()
+    return content, labels
 
 
 def _engine(args, config: ScoreConfig | None = None):
@@ -68,7 +93,7 @@ def _engine(args, config: ScoreConfig | None = None):
         model, schedule = load_digits_model(), default_schedule()
     if args.data:
         images, labels = load_tensors(args.data)
-        data = ImageTensorDataset(images.float(), labels)
+        data = ImageTensorDataset(images, labels)
     else:
         data = load_digits_dataset()
     return InfluenceEngine(model, schedule, data, config=config)
@@ -96,10 +121,37 @@ def _score_config(args) -> ScoreConfig:
     )
 
 
+def _write_text(path, text: str) -> None:
+    from .artifacts import atomic_write_text
+
+    atomic_write_text(path, text)
+
+
+def _save_or_fallback(save, target: str, what: str, *, folder: bool = False) -> None:
+    """`save(target)`; if that fails, save to a new temporary path and name it in the error,
+    so that finished work is never lost to a full disk or a missing permission."""
+    try:
+        save(target)
+    except OSError as error:
+        import tempfile
+
+        if folder:
+            fallback = tempfile.mkdtemp(prefix=f"fastinf-{what}-")
+        else:
+            handle, fallback = tempfile.mkstemp(prefix=f"fastinf-{what}-", suffix=".json")
+            os.close(handle)
+        save(fallback)
+        raise OSError(
+            f"could not write the {what} to {target} ({error.strerror or error}); it was saved "
+            f"to {fallback} instead."
+        ) from None
+
+
 def _cmd_train(args) -> int:
     from .train import train_digits
 
-    path = train_digits(args.out, steps=args.steps, seed=args.seed)
+    with writer_lock(args.out, "fastinf train"):
+        path = train_digits(args.out, steps=args.steps, seed=args.seed)
     print(f"weights written to {path}")
     return 0
 
@@ -116,8 +168,9 @@ def _cmd_fit(args) -> int:
         seed=args.seed,
     )
     start = time.perf_counter()
-    engine.fit(config)
-    engine.save_curvature(args.out)
+    with writer_lock(args.out, "fastinf fit"):
+        engine.fit(config)
+        _save_or_fallback(engine.save_curvature, args.out, "curvature", folder=True)
     print(f"curvature fitted in {time.perf_counter() - start:.1f}s and saved to {args.out}")
     return 0
 
@@ -134,6 +187,10 @@ def _cmd_topk(args) -> int:
         engine.load_index(args.index, sharded=world > 1)
     if args.queries:
         queries, cond = load_tensors(args.queries)
+        if cond is not None and not getattr(engine.model, "is_conditional", True):
+            raise ValueError(
+                f"--queries {args.queries} has labels but the model is unconditional; drop them."
+            )
     else:
         from .sampling import sample_ddpm
 
@@ -152,9 +209,7 @@ def _cmd_topk(args) -> int:
         return 0
     text = json.dumps(result.to_dict(), indent=1)
     if args.out:
-        from .artifacts import atomic_write_text
-
-        atomic_write_text(args.out, text)
+        _save_or_fallback(lambda path: _write_text(path, text), args.out, "result")
         print(f"top-{args.k} proponents and opponents of {queries.shape[0]} queries in {args.out}")
     else:
         print(text)
@@ -249,9 +304,8 @@ def _cmd_lds(args) -> int:
     if args.counterfactual:
         rows += run.counterfactual(methods[0])
     if args.out:
-        from .artifacts import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(rows, indent=1))
+        text = json.dumps(rows, indent=1)
+        _save_or_fallback(lambda path: _write_text(path, text), args.out, "rows")
         print(f"rows written to {args.out}")
     return 0
 
@@ -599,8 +653,23 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--methods: unknown {unknown}; choose from {list(LDS_METHODS)}.")
 
 
+INTERRUPTED = {
+    "train": "no weights were written",
+    "fit": "nothing was saved (the curvature is written once the fit completes)",
+    "topk": "nothing was written",
+    "index": "finished shards were kept; the same command resumes the build",
+    "lds": "finished models and scores were kept in --run-dir; the same command resumes",
+    "demo": "nothing was written; the same command starts the demo again",
+}
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # a polite kill ends like Ctrl-C
     try:
         check_arguments(args)
         return args.run(args)
@@ -608,9 +677,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastinf {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"fastinf {args.command}: interrupted; finished files were kept (an index build "
-            "resumes where it stopped when run again).",
-            file=sys.stderr,
-        )
+        print(f"fastinf {args.command}: interrupted; {INTERRUPTED[args.command]}.", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ per-example gradient of the whole model ever exists in memory. Positive τ: a pr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,7 +24,7 @@ from .layers import LayerCall
 from .queries import QueryCache, QueryPreparer, stack_layers
 from .source import GradientSource, LayerGrads
 
-__all__ = ["ExactScorer", "InfluenceResult", "ScoreAccumulator", "Scorer", "TopK"]
+__all__ = ["ExactScorer", "InfluenceResult", "ScoreAccumulator", "Scorer", "TopK", "clip_k"]
 
 
 class ScoreAccumulator(BlockConsumer):
@@ -106,6 +107,17 @@ class InfluenceResult:
         }
 
 
+def clip_k(k: int, total: int) -> int:
+    """k, checked (≥ 1) and clipped to the number of scored examples, with a warning."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be an integer >= 1 (how many proponents and opponents).")
+    if k > total:
+        warnings.warn(
+            f"k={k} exceeds the {total} scored examples; returning {total}.", stacklevel=3
+        )
+    return min(k, total)
+
+
 class Scorer(Protocol):
     """What answers `engine.score`: top-k proponents and opponents of each query."""
 
@@ -160,7 +172,7 @@ class ExactScorer:
         """
         cache = self._prepared(queries, cond)
         total = len(self.source.train_set) if indices is None else len(indices)
-        k = min(k, total)
+        k = clip_k(k, total)
         top = empty_topk(cache.num_queries, k, largest=True, dtype=torch.float64)
         bottom = empty_topk(cache.num_queries, k, largest=False, dtype=torch.float64)
         columns, seen = [], 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch
 from ..artifacts import save_artifact
 from ..curvature import Curvature, require_eigenbasis
 from ..distributed import barrier, rank_world
+from ..locks import writer_lock
 from ..progress import progress_bar
 from ..source import GradientSource
 from .compress import CoordinateLayout, damped_ratio, make_compressor
@@ -159,12 +161,26 @@ def build_index(
     config = config or IndexConfig()
     curvature = require_eigenbasis(curvature, "the index (it whitens in the eigenbasis)")
     store = IndexStore(directory)
-    rank, world = rank_world()
+    rank = rank_world()[0]
     order = np.arange(len(source.train_set), dtype=np.int64)
     if indices is not None:
         order = np.asarray([int(i) for i in indices], dtype=np.int64)
     if len(order) == 0:
         raise ValueError("the index needs at least one training example.")
+    size = CoordinateLayout(curvature).size
+    if config.compression != "exact" and config.dim > size:
+        raise ValueError(
+            f"IndexConfig.dim={config.dim} exceeds the {size} coordinates of the tracked "
+            f"layers' gradients; use a dim below {size}, or compression='exact'."
+        )
+    # Rank 0 holds the folder's writer lock for the whole build (the other ranks are its
+    # helpers, not rival writers).
+    with writer_lock(directory, "index build") if rank == 0 else nullcontext():
+        _build(store, source, curvature, config, order, overwrite=overwrite)
+
+
+def _build(store, source, curvature, config, order, *, overwrite: bool) -> None:
+    rank, world = rank_world()
     if rank == 0:
         if overwrite:
             store.remove()

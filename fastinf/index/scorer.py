@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..queries import QueryCache
-from ..scoring import ExactScorer, InfluenceResult, TopK
+from ..scoring import ExactScorer, InfluenceResult, TopK, clip_k
 from .identity import check_curvature, check_gradients
 from .index import TrainingIndex
 
@@ -99,7 +99,7 @@ class IndexScorer:
         if rerank:
             queries = self.preparer.prepare(queries, cond)
         vectors, query_ids = self.query_vectors(queries, cond)
-        k = min(k, index.num_examples)
+        k = clip_k(k, index.num_examples)
         scores = index.scores(vectors) if return_scores else None
         if not rerank:
             proponents, opponents = index.search(vectors, k)

@@ -34,6 +34,7 @@ from ..artifacts import (
     atomic_write,
     file_sha256,
 )
+from ..locks import LOCK_NAME
 
 __all__ = ["BuildPlan", "IndexStore", "ShardSpec", "npy_bytes"]
 
@@ -242,7 +243,7 @@ class IndexStore:
                 f"{self.manifest_path} is not a fastinf index; it was not replaced. Choose "
                 "another folder."
             )
-        entries = sorted(self.directory.rglob("*"))
+        entries = [p for p in sorted(self.directory.rglob("*")) if p.name != LOCK_NAME]
         foreign = [p.relative_to(self.directory).as_posix() for p in entries if not self._is_own(p)]
         if foreign:
             raise ValueError(

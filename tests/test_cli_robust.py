@@ -1,0 +1,171 @@
+"""The command line never loses finished work or a user's files: one writer per artifact,
+a save that fails lands somewhere named, an interrupted build resumes, and damaged or
+ill-typed input files are refused in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import fastinf.artifacts
+from fastinf.cli import main
+from fastinf.engine import InfluenceEngine
+from fastinf.index.store import IndexStore
+from fastinf.locks import LOCK_NAME, writer_lock
+from fastinf.models import load_sidecar, load_unet, save_unet, schedule_from_sidecar
+
+from tiny import random_dataset, tiny_unet
+
+SCHEDULE = {"beta_schedule": "linear", "num_timesteps": 100, "beta_start": 1e-4, "beta_end": 0.02}
+FIT = ["--factor-draws", "1", "--eigval-draws", "1"]
+
+
+@pytest.fixture
+def files(tmp_path):
+    save_unet(tiny_unet().float(), tmp_path / "unet.safetensors", {"schedule": SCHEDULE})
+    data = random_dataset(8, (1, 4, 4), seed=2, dtype=torch.float32)
+    save_file({"images": data.images}, str(tmp_path / "train.safetensors"))
+    model = ["--weights", str(tmp_path / "unet.safetensors")]
+    return tmp_path, [*model, "--data", str(tmp_path / "train.safetensors")]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(files, capsys):
+    tmp_path, model = files
+    with writer_lock(tmp_path / "curv", "test"):
+        assert main(["fit", *model, "--out", str(tmp_path / "curv"), *FIT]) == 2
+        assert f"process {os.getpid()}" in one_line_error(capsys)
+    assert not (tmp_path / "curv" / "curvature.json").exists()
+
+
+def test_a_stale_lock_is_taken_over(files, capsys):
+    tmp_path, model = files
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "curv").mkdir()
+    (tmp_path / "curv" / LOCK_NAME).write_text(f"{gone.pid}\n")
+    assert main(["fit", *model, "--out", str(tmp_path / "curv"), *FIT]) == 0
+    assert (
+        f"stale lock {tmp_path / 'curv' / LOCK_NAME} (process {gone.pid}" in capsys.readouterr().err
+    )
+    assert (tmp_path / "curv" / "curvature.json").exists()
+    assert not (tmp_path / "curv" / LOCK_NAME).exists()
+
+
+def test_a_failed_save_lands_in_a_named_fallback(files, capsys, monkeypatch):
+    tmp_path, model = files
+    target = tmp_path / "curv"
+    real = fastinf.artifacts.atomic_write
+
+    def full_disk(path, write):
+        if target in type(path)(path).parents:
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(fastinf.artifacts, "atomic_write", full_disk)
+    assert main(["fit", *model, "--out", str(target), *FIT]) == 2
+    error = one_line_error(capsys)
+    assert "No space left on device" in error and "saved to " in error
+    fallback = error.split("saved to ")[1].removesuffix(" instead.")
+    monkeypatch.setattr(fastinf.artifacts, "atomic_write", real)
+    engine = InfluenceEngine(
+        load_unet(tmp_path / "unet.safetensors"),
+        schedule_from_sidecar(load_sidecar(tmp_path / "unet.safetensors")),
+        random_dataset(8, (1, 4, 4), seed=2, dtype=torch.float32),
+    )
+    engine.load_curvature(fallback)  # the finished fit, intact
+
+
+def _write(path, kind):
+    if kind == "zero-byte":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        save_file({"images": torch.rand(4, 1, 4, 4)}, str(path))
+        path.write_bytes(path.read_bytes()[:-20])
+    elif kind == "empty":
+        save_file({"images": torch.zeros(0, 1, 4, 4)}, str(path))
+    elif kind == "uint8":
+        np.save(path, np.zeros((2, 1, 4, 4), dtype=np.uint8))
+    elif kind == "fractional labels":
+        save_file({"images": torch.rand(2, 1, 4, 4), "labels": torch.tensor([1.5, 2.0])}, str(path))
+    elif kind == "labels, unconditional model":
+        save_file({"images": torch.rand(2, 1, 4, 4), "labels": torch.tensor([1, 2])}, str(path))
+
+
+KINDS = {
+    "zero-byte": ("q.safetensors", "cannot be read"),
+    "truncated": ("q.safetensors", "cannot be read"),
+    "empty": ("q.safetensors", "holds no images"),
+    "uint8": ("q.npy", "uint8 pixels"),
+    "fractional labels": ("q.safetensors", "whole class numbers"),
+    "labels, unconditional model": ("q.safetensors", "unconditional"),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_damaged_or_ill_typed_query_files_are_refused_in_one_line(files, capsys, kind):
+    tmp_path, model = files
+    assert main(["fit", *model, "--out", str(tmp_path / "curv"), *FIT]) == 0
+    capsys.readouterr()
+    name, message = KINDS[kind]
+    _write(tmp_path / name, kind)
+    query = ["topk", *model, "--curvature", str(tmp_path / "curv"), "--queries"]
+    assert main([*query, str(tmp_path / name), "--train-draws", "2", "--query-draws", "2"]) == 2
+    error = one_line_error(capsys)
+    assert message in error and name in error
+
+
+@pytest.mark.slow
+def test_an_interrupted_index_build_says_what_was_kept_and_resumes_identically(tmp_path):
+    save_unet(tiny_unet().float(), tmp_path / "unet.safetensors", {"schedule": SCHEDULE})
+    data = random_dataset(192, (1, 4, 4), seed=2, dtype=torch.float32)
+    save_file({"images": data.images}, str(tmp_path / "train.safetensors"))
+    model = ["--weights", str(tmp_path / "unet.safetensors")]
+    model += ["--data", str(tmp_path / "train.safetensors")]
+    assert main(["fit", *model, "--out", str(tmp_path / "curv"), *FIT]) == 0
+    build = ["index", *model, "--curvature", str(tmp_path / "curv"), "--train-draws", "16"]
+    build += ["--compression", "countsketch", "--dim", "64", "--shard-size", "4"]
+    command = [sys.executable, "-m", "fastinf", *build]
+    env = {**os.environ, "FASTINF_PROGRESS": "0"}
+    run = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "a")], env=env, stderr=subprocess.PIPE, text=True
+    )
+    shards = tmp_path / "a" / "shards"
+    deadline = time.monotonic() + 120
+    while not list(shards.glob("shard_*.json")) and run.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    if run.poll() is not None:
+        pytest.skip("the build finished before it could be interrupted")
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        "fastinf index: interrupted; finished shards were kept; the same command resumes the build."
+    )
+    kept = {p.name: p.read_bytes() for p in shards.glob("shard_*.json")}
+    assert kept and not IndexStore(tmp_path / "a").read_manifest()["complete"]
+    assert not (tmp_path / "a" / LOCK_NAME).exists()
+    env_run = {"env": env, "capture_output": True, "text": True}
+    assert subprocess.run([*command, "--out", str(tmp_path / "a")], **env_run).returncode == 0
+    assert subprocess.run([*command, "--out", str(tmp_path / "b")], **env_run).returncode == 0
+    for name, record in kept.items():  # finished shards were not recomputed
+        assert (shards / name).read_bytes() == record
+    resumed = IndexStore(tmp_path / "a").read_manifest()
+    clean = IndexStore(tmp_path / "b").read_manifest()
+    assert resumed["complete"] and [r["sha256"] for r in resumed["shards"]] == [
+        r["sha256"] for r in clean["shards"]
+    ]
