@@ -10,6 +10,8 @@ into what a model is called with (None when every item is unconditional).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -24,6 +26,8 @@ __all__ = [
 ]
 
 UNCONDITIONAL = -1
+# Non-negative images above this look like 0..255 pixels that were never scaled (a warning).
+PIXEL_RANGE_LIMIT = 2.0
 
 # sklearn's digits are 4-bit grey levels: integers 0..16.
 _DIGITS_MAX_VALUE = 16.0
@@ -93,6 +97,12 @@ def validate_images(images, sample_shape: tuple[int, int, int], what: str = "ima
         raise ValueError(
             f"{what} contain {num_nan} NaN and {num_inf} Inf values in {len(bad_items)} item(s) "
             f"(indices {shown}); remove or repair those items before use."
+        )
+    if images.numel() and float(images.min()) >= 0 and float(images.max()) > PIXEL_RANGE_LIMIT:
+        warnings.warn(
+            f"{what} range over [0, {float(images.max()):g}]: they look like unscaled pixels "
+            "(0..255); scale them to the range the model was trained on (e.g. [-1, 1]).",
+            stacklevel=2,
         )
     return images
 

@@ -144,6 +144,9 @@ class LDSRun:
         self.run_dir = Path(run_dir)
         self.config = config
         self.num_workers = num_workers
+        digits = load_digits_dataset()
+        if not 1 < config.num_train <= len(digits):  # refused before anything is written
+            raise ValueError(f"num_train must be in 2..{len(digits)}, got {config.num_train}.")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         setup = self.run_dir / "setup.json"
         # Counts only add models, so a directory can grow (more subsets, more queries
@@ -160,9 +163,6 @@ class LDSRun:
         else:
             atomic_write_text(setup, json.dumps(recorded, indent=1) + "\n")
         generator = torch.Generator().manual_seed(config.seed)
-        digits = load_digits_dataset()
-        if not 1 < config.num_train <= len(digits):
-            raise ValueError(f"num_train must be in 2..{len(digits)}, got {config.num_train}.")
         chosen = torch.randperm(len(digits), generator=generator)[: config.num_train]
         self.train_set = ImageTensorDataset(digits.images[chosen].clone())
         self.schedule = default_schedule()

@@ -4,6 +4,7 @@ ill-typed input files are refused in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -17,7 +18,10 @@ from safetensors.torch import save_file
 
 import fastinf.artifacts
 from fastinf.cli import main
+from fastinf.data import validate_images
 from fastinf.engine import InfluenceEngine
+from fastinf.index.config import IndexConfig
+from fastinf.index.search import SearchIndex
 from fastinf.index.store import IndexStore
 from fastinf.locks import LOCK_NAME, writer_lock
 from fastinf.models import load_sidecar, load_unet, save_unet, schedule_from_sidecar
@@ -169,3 +173,28 @@ def test_an_interrupted_index_build_says_what_was_kept_and_resumes_identically(t
     assert resumed["complete"] and [r["sha256"] for r in resumed["shards"]] == [
         r["sha256"] for r in clean["shards"]
     ]
+
+
+def test_lds_refuses_a_bad_size_before_writing_its_setup(tmp_path, capsys):
+    assert main(["lds", "--run-dir", str(tmp_path / "run"), "--num-train", "5000"]) == 2
+    assert "num_train must be in 2..1797" in one_line_error(capsys)
+    assert not (tmp_path / "run" / "setup.json").exists()
+
+
+def test_faiss_errors_name_the_option_that_caused_them():
+    config = IndexConfig(compression="countsketch", dim=16, storage="fp32", search="ivfpq")
+    rows = np.random.default_rng(0).random((50, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"search='ivfpq' cannot be trained on 50 rows \(Number"):
+        SearchIndex.build(dataclasses.replace(config, pq_bytes=4), 16, 50, iter([rows]), None)
+
+
+def test_unscaled_pixels_warn_in_the_api_and_the_cli(files, capsys):
+    with pytest.warns(UserWarning, match=r"look like unscaled pixels"):
+        validate_images(torch.full((1, 1, 4, 4), 255.0), (1, 4, 4))
+    tmp_path, model = files
+    assert main(["fit", *model, "--out", str(tmp_path / "curv"), *FIT]) == 0
+    save_file({"images": torch.full((1, 1, 4, 4), 200.0)}, str(tmp_path / "q.safetensors"))
+    query = ["topk", *model, "--curvature", str(tmp_path / "curv"), "--k", "2"]
+    query += ["--queries", str(tmp_path / "q.safetensors"), "--train-draws", "2"]
+    with pytest.warns(UserWarning, match=r"queries range over \[0, 200\]"):
+        assert main([*query, "--query-draws", "2"]) == 0

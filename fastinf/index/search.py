@@ -140,7 +140,16 @@ class SearchIndex:
                 held += batch.shape[0]
                 if held >= wanted:
                     break
-            index.train(np.concatenate(pending)[:wanted])
+            rows = np.concatenate(pending)[:wanted]
+            try:
+                index.train(rows)
+            except RuntimeError as error:  # faiss's C++ message, translated to the option
+                detail = str(error).strip().splitlines()[-1].split("failed: ")[-1]
+                raise ValueError(
+                    f"IndexConfig.search={config.search!r} cannot be trained on {len(rows)} "
+                    f"rows ({detail}); use search='flat' for a training set this small, or a "
+                    "smaller nlist."
+                ) from None
             if pinned:
                 _pin_ranges(index, config.storage, scale)
         while pending:  # release the training rows as they are added
