@@ -96,7 +96,7 @@ def _engine(args, config: ScoreConfig | None = None):
         data = ImageTensorDataset(images, labels)
     else:
         data = load_digits_dataset()
-    return InfluenceEngine(model, schedule, data, config=config)
+    return InfluenceEngine(model, schedule, data, config=config, verify=args.verify)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +107,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--data",
         help="training images: .safetensors (`images`, optional `labels`), .pt or .npy "
         "(default: scikit-learn digits)",
+    )
+    parser.add_argument(
+        "--verify",
+        choices=["full", "sample"],
+        help="how the training set is fingerprinted against saved artifacts: every item, or "
+        "64 (default: every item up to 1,000,000 items)",
     )
 
 

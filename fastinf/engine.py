@@ -44,7 +44,7 @@ class InfluenceEngine:
     """Model + noise schedule + training set + fitted curvature, ready to attribute queries.
 
     Args:
-        model, schedule, train_set, config, sample_shape, num_workers: what the gradient
+        model, schedule, train_set, config, sample_shape, num_workers, verify: what the gradient
             source is built on (`fastinf.source.GradientSource`): an ε-prediction model or a
             diffusers `UNet2DModel`, its noise schedule, a map-style Dataset of
             `(image, cond)` items, the draws and damping (`ScoreConfig`).
@@ -59,9 +59,16 @@ class InfluenceEngine:
         config: ScoreConfig | None = None,
         sample_shape: tuple[int, int, int] | None = None,
         num_workers: int = 0,
+        verify: str | None = None,
     ):
         self.source = GradientSource(
-            model, schedule, train_set, config, sample_shape=sample_shape, num_workers=num_workers
+            model,
+            schedule,
+            train_set,
+            config,
+            sample_shape=sample_shape,
+            num_workers=num_workers,
+            verify=verify,
         )
         self.curvature: Curvature | None = None
         self.index: TrainingIndex | None = None  # searched by `score` while loaded

@@ -62,6 +62,8 @@ class GradientSource:
         config: draws, measurement, damping, block sizes (`ScoreConfig`).
         sample_shape: (C, H, W) of one model input; read from the model or the data if None.
         num_workers: DataLoader workers for streaming the training set.
+        verify: how the training set is fingerprinted for provenance: "full" (every item),
+            "sample" (64 items) or None (full up to `artifacts.FULL_VERIFY_LIMIT` items).
 
     Every pass runs with the model in eval mode (restored afterwards).
     """
@@ -75,6 +77,7 @@ class GradientSource:
         *,
         sample_shape: tuple[int, int, int] | None = None,
         num_workers: int = 0,
+        verify: str | None = None,
     ):
         self.model = as_eps_model(model)
         self.schedule = schedule
@@ -90,7 +93,7 @@ class GradientSource:
         validate_images(first_image, self.sample_shape, what="training image 0")
         self.provenance = {
             "model": model_fingerprint(self.model),
-            "dataset": dataset_fingerprint(train_set),
+            "dataset": dataset_fingerprint(train_set, verify),
             "schedule": schedule.fingerprint(),
             "layers": list(self.layers),
         }

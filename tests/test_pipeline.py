@@ -162,3 +162,14 @@ def test_merge_topk_alone_orders_by_score_then_index():
     indices = torch.tensor([[4, 9, 2, -1]])
     top, which = merge_topk(scores, indices, 3)
     assert which.tolist() == [[2, 9, 4]] and top.tolist() == [[3.0, 3.0, 1.0]]
+
+
+def test_the_engine_records_how_its_training_set_was_fingerprinted():
+    model, schedule, data = (
+        TinyConvEps().double(),
+        NoiseSchedule.linear(50),
+        random_dataset(6, (2, 5, 5)),
+    )
+    full = InfluenceEngine(model, schedule, data).provenance["dataset"]
+    sample = InfluenceEngine(model, schedule, data, verify="sample").provenance["dataset"]
+    assert full.startswith("full:") and sample.startswith("sample:")
