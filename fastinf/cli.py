@@ -175,6 +175,8 @@ def _cmd_fit(args) -> int:
     )
     start = time.perf_counter()
     with writer_lock(args.out, "fastinf fit"):
+        for name in ("curvature.safetensors", "curvature.json"):  # a killed save's leftovers
+            (Path(args.out) / f"{name}.tmp").unlink(missing_ok=True)
         engine.fit(config)
         _save_or_fallback(engine.save_curvature, args.out, "curvature", folder=True)
     print(f"curvature fitted in {time.perf_counter() - start:.1f}s and saved to {args.out}")

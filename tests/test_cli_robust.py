@@ -198,3 +198,23 @@ def test_unscaled_pixels_warn_in_the_api_and_the_cli(files, capsys):
     query += ["--queries", str(tmp_path / "q.safetensors"), "--train-draws", "2"]
     with pytest.warns(UserWarning, match=r"queries range over \[0, 200\]"):
         assert main([*query, "--query-draws", "2"]) == 0
+
+
+def test_leftovers_of_a_killed_save_are_cleaned_and_nothing_else(files):
+    tmp_path, model = files
+    out = tmp_path / "curv"
+    out.mkdir()
+    (out / "curvature.safetensors.tmp").write_bytes(b"half a file")
+    (out / "notes.tmp").write_text("mine")
+    assert main(["fit", *model, "--out", str(out), *FIT]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "curvature.json",
+        "curvature.safetensors",
+        "notes.tmp",
+    ]
+    index = tmp_path / "index"
+    (index / "shards").mkdir(parents=True)
+    (index / "shards" / "shard_00000.npy.tmp").write_bytes(b"half")
+    (index / "notes.tmp").write_text("mine")
+    IndexStore(index).remove_temporary()
+    assert sorted(p.name for p in index.rglob("*")) == ["notes.tmp", "shards"]

@@ -255,10 +255,12 @@ class IndexStore:
             path.rmdir() if path.is_dir() else path.unlink()
 
     def remove_temporary(self) -> None:
-        """Drop half-written files a killed build left behind."""
+        """Drop half-written files a killed build left behind (its own names only: a user's
+        `notes.tmp` is not an index file)."""
         for pattern in (f"*{TEMPORARY_SUFFIX}", f"{SHARDS}/*{TEMPORARY_SUFFIX}"):
             for path in self.directory.glob(pattern):
-                path.unlink(missing_ok=True)
+                if self._is_own(path):
+                    path.unlink(missing_ok=True)
 
     # -- search structure ------------------------------------------------------------------
     @property
