@@ -5,7 +5,7 @@ EK-FAC influence functions for diffusion models (DESIGN §1). Start with
 for your own model, noise schedule and training set.
 """
 
-import importlib
+from .lazy import lazy_exports
 
 # Public name → the module defining it. Imported on first use, so that `fastinf --help` and
 # the command line's argument errors answer without loading torch.
@@ -24,14 +24,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

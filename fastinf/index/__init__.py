@@ -13,7 +13,7 @@ stored values), `store` (files on disk), `identity` (what an index was built for
 (queries → search → bounded exact re-rank).
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 # Public name → the module defining it, imported on first use (`fastinf.index.config` is
 # read by the command line's parser without loading torch or faiss).
@@ -26,14 +26,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
