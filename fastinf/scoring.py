@@ -90,21 +90,27 @@ class InfluenceResult:
 
     `proponents`: highest τ (removing them is predicted to raise the query's measurement
     the most — they made the query more likely); `opponents`: lowest (most negative) τ;
-    `scores`: the full [Q, N] matrix when requested, else None; `query_ids`: draw seeds.
+    `scores`: the full [Q, N] matrix when requested, else None; `query_ids`: draw seeds;
+    `search_recall`: for an answer searched in an index, the recall of its first stage
+    measured when the index was built (`fastinf.index.recall`), else None.
     """
 
     proponents: TopK
     opponents: TopK
     scores: Tensor | None
     query_ids: Tensor
+    search_recall: dict | None = None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "sign_convention": "positive score = proponent (made the query more likely)",
             "query_ids": self.query_ids.tolist(),
             "proponents": self.proponents.to_lists(),
             "opponents": self.opponents.to_lists(),
         }
+        if self.search_recall is not None:
+            out["search_recall"] = self.search_recall
+        return out
 
 
 def clip_k(k: int, total: int) -> int:

@@ -538,3 +538,17 @@ def test_query_caches_of_two_fits_with_one_config_are_not_mixed(fitted, engine):
     other.fit(CurvatureConfig(factor_draws=2, eigval_draws=2), indices=[0, 1, 2, 3])
     with pytest.raises(ArtifactMismatchError, match="curvature_tensors"):
         other.score(cache, k=2)
+
+
+def test_answers_report_the_first_stage_recall_measured_at_build(fitted, engine, tmp_path):
+    _, queries, _ = fitted
+    engine.build_index(tmp_path / "exact", EXACT)
+    result = engine.score(queries, k=3)
+    recall = result.search_recall
+    assert recall == result.to_dict()["search_recall"]
+    assert recall["pool"] == 9 and recall["k"] == 2 and recall["queries"] == 8
+    assert recall["recall_at_k"] == 1.0  # uncompressed: the search ranks exactly
+    coarse = IndexConfig(compression="countsketch", dim=2, storage="fp32", exact_rerank=0)
+    engine.build_index(tmp_path / "coarse", dataclasses.replace(coarse, sketch_seed=3))
+    assert engine.score(queries, k=3).search_recall["recall_at_k"] < 1.0
+    assert engine.score(queries, k=3, indices=[0, 1, 2]).search_recall is None

@@ -29,6 +29,7 @@ from .compress import CoordinateLayout, damped_ratio, make_compressor
 from .config import IndexConfig
 from .encode import Quantizer, VectorEncoder
 from .identity import COMPRESSOR, build_id, check_identity, index_identity, load_encoder
+from .recall import first_stage_recall
 from .search import SearchIndex
 from .store import BuildPlan, IndexStore, npy_bytes
 
@@ -99,9 +100,14 @@ def _prepare(
         {"build_id": build_id(identity), "fingerprint": compressor.fingerprint()},
     )
     store.write_order(order)
+    score = source.config
+    encoder = VectorEncoder(curvature, score.damping, score.damping_mode, compressor)
+    pool = [int(i) for i in order[: config.calibration_examples]]
+    recall = first_stage_recall(source, curvature, config, encoder, quantizer, pool)
     store.write_manifest(
         {
             **identity,
+            "first_stage_recall": recall,
             "build_id": build_id(identity),
             "config": config.to_dict(),
             "dim": compressor.dim,

@@ -101,9 +101,10 @@ class IndexScorer:
         vectors, query_ids = self.query_vectors(queries, cond)
         k = clip_k(k, index.num_examples)
         scores = index.scores(vectors) if return_scores else None
+        recall = index.manifest.get("first_stage_recall") or None
         if not rerank:
             proponents, opponents = index.search(vectors, k)
-            return InfluenceResult(proponents, opponents, scores, query_ids)
+            return InfluenceResult(proponents, opponents, scores, query_ids, recall)
         found = index.search(vectors, max(rerank, k))
         sigmas = index.config.rerank_sigmas if rerank_sigmas is None else rerank_sigmas
         model = index.error_model(vectors) if sigmas > 0 else None
@@ -111,14 +112,14 @@ class IndexScorer:
             flat = torch.cat([part.indices.flatten() for part in found])
             candidates = sorted(set(flat[flat >= 0].tolist()))
             exact = self.exact.topk(queries, k, indices=candidates)
-            return InfluenceResult(exact.proponents, exact.opponents, scores, query_ids)
+            return InfluenceResult(exact.proponents, exact.opponents, scores, query_ids, recall)
         sketch, rounding = model
         norms = index.norms(torch.cat([part.indices for part in found], 1).clamp_min(0))
         sigma = (sketch[:, None] * norms.square() + rounding[:, None]).sqrt()
         spread = list(sigma.split(found[0].indices.shape[1], dim=1))
         rescore = _ExactScores(self.exact, queries)
         proponents, opponents = bounded_rerank(found, spread, k, sigmas, rescore, rescore.batch)
-        return InfluenceResult(proponents, opponents, scores, query_ids)
+        return InfluenceResult(proponents, opponents, scores, query_ids, recall)
 
 
 class _ExactScores:
