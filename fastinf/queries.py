@@ -154,4 +154,17 @@ class QueryPreparer:
         config, dtype = self.source.config, self.source.dtype
         pre = self.curvature.precondition(grads, config.damping, config.damping_mode)
         pre = {n: (w.to(dtype), None if b is None else b.to(dtype)) for n, (w, b) in pre.items()}
+        _check_not_vanished(grads, pre, config.damping, dtype)
         return QueryCache(pre, query_ids, self.meta())
+
+
+def _check_not_vanished(grads: LayerGrads, pre: LayerGrads, damping: float, dtype) -> None:
+    """A damping so large that (G + λI)⁻¹∇m underflows to zero in the model's dtype would
+    make every score 0: refuse it rather than rank by nothing."""
+    nonzero = any(bool(w.ne(0).any()) for w, _ in grads.values())
+    if nonzero and not any(bool(w.ne(0).any()) for w, _ in pre.values()):
+        raise ValueError(
+            f"damping={damping:g} is so large that the preconditioned queries are all 0 in "
+            f"{dtype} (every score would be 0); use a smaller damping, or "
+            "damping_mode='relative'."
+        )

@@ -419,7 +419,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--force", action="store_true", help="replace weights in --out-dir")
     args = parser.parse_args(argv)
+    if not args.force and (Path(args.out_dir) / DIGITS_WEIGHTS_PATH.name).exists():
+        parser.error(f"{args.out_dir} already holds {DIGITS_WEIGHTS_PATH.name}; pass --force.")
     weights_path = train_digits(
         args.out_dir,
         steps=args.steps,

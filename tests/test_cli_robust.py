@@ -218,3 +218,58 @@ def test_leftovers_of_a_killed_save_are_cleaned_and_nothing_else(files):
     (index / "notes.tmp").write_text("mine")
     IndexStore(index).remove_temporary()
     assert sorted(p.name for p in index.rglob("*")) == ["notes.tmp", "shards"]
+
+
+def _folder_digest(folder) -> dict:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_bad_inputs_found_while_working_are_refused_in_one_line_without_damage(files, capsys):
+    """The issue's list, the part that needs a model loaded: each is exit 2, one line naming
+    the option or file, and no file changed."""
+    tmp_path, model = files
+    assert main(["fit", *model, "--out", str(tmp_path / "curv"), *FIT]) == 0
+    index = ["index", *model, "--curvature", str(tmp_path / "curv"), "--train-draws", "2"]
+    assert main([*index, "--out", str(tmp_path / "idx"), "--compression", "exact"]) == 0
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for name in ("curvature.json", "curvature.safetensors"):
+        (edited / name).write_bytes((tmp_path / "curv" / name).read_bytes())
+    text = (
+        (edited / "curvature.json").read_text().replace('"factor_draws": 1', '"factor_draws": 64')
+    )
+    (edited / "curvature.json").write_text(text)
+    images = random_dataset(8, (1, 4, 4), seed=2, dtype=torch.float32).images.clone()
+    images[5, 0, 1, 1] += 0.25
+    save_file({"images": images}, str(tmp_path / "changed.safetensors"))
+    np.save(tmp_path / "pixels.npy", np.zeros((8, 1, 4, 4), dtype=np.uint8))
+    save_file({"images": torch.rand(2, 1, 4, 4)}, str(tmp_path / "q.safetensors"))
+    capsys.readouterr()
+    weights = model[:2]
+    query = ["topk", *model, "--queries", str(tmp_path / "q.safetensors"), "--query-draws", "2"]
+    curvature = ["--curvature", str(tmp_path / "curv")]
+    changed = ["--data", str(tmp_path / "changed.safetensors")]
+    draws = ["--train-draws", "2"]
+    cases = [
+        (["topk", *model, "--curvature", str(edited), "--generate", "1"], "altered"),
+        (["topk", *weights, *changed, *curvature, "--generate", "1"], "dataset"),
+        (["fit", *weights, "--data", str(tmp_path / "pixels.npy"), "--out", "x"], "uint8"),
+        ([*query, *curvature, "--damping", "1e300", "--damping-mode", "absolute"], "damping"),
+        ([*index, "--out", str(tmp_path / "i2"), "--dim", "100000000"], "dim"),
+        (
+            [*index, "--out", str(tmp_path / "i3"), "--dim", "512", "--search", "ivfpq"],
+            "search='ivfpq'",
+        ),
+        (
+            [*query, *curvature, "--index", str(tmp_path / "idx"), *draws, "--damping", "1e-2"],
+            "damping",
+        ),
+    ]
+    before = _folder_digest(tmp_path)
+    for args, named in cases:
+        assert main(args) == 2, args
+        assert named in one_line_error(capsys), args
+    after = _folder_digest(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith(("i2/", "i3/"))} == before
