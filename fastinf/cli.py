@@ -606,14 +606,25 @@ def _existing_artifact(path: str, option: str, marker: str, maker: str) -> None:
         raise FileNotFoundError(f"{option} {path}: no {marker} there; create it with `{maker}`.")
 
 
+def _writable(path: Path, option: str) -> None:
+    """The nearest existing folder at or above `path` must let this process write."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: no permission to write in {folder}.")
+
+
 def _output_folder(path: str, option: str) -> None:
     if Path(path).exists() and not Path(path).is_dir():
         raise ValueError(f"{option} {path} is an existing file; name a folder.")
+    _writable(Path(path).absolute(), option)
 
 
 def _output_file(path: str | None, option: str) -> None:
     if path is not None and Path(path).is_dir():
         raise ValueError(f"{option} {path} is a folder; name a file to write.")
+    if path is not None:
+        _writable(Path(path).absolute(), option)
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -141,6 +141,8 @@ class LDSRun:
     """
 
     def __init__(self, run_dir: str | os.PathLike, config: LDSConfig, *, num_workers: int = 2):
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers={num_workers!r} must be an integer >= 1.")
         self.run_dir = Path(run_dir)
         self.config = config
         self.num_workers = num_workers

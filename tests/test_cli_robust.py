@@ -273,3 +273,11 @@ def test_bad_inputs_found_while_working_are_refused_in_one_line_without_damage(f
         assert named in one_line_error(capsys), args
     after = _folder_digest(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith(("i2/", "i3/"))} == before
+
+
+def test_an_output_without_write_permission_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    # Root may write anywhere, so the permission itself is simulated.
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))
+    assert main(["fit", "--out", str(tmp_path / "a" / "b")]) == 2
+    assert f"no permission to write in {tmp_path}" in one_line_error(capsys)
+    assert not (tmp_path / "a").exists()
