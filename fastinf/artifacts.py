@@ -39,6 +39,7 @@ __all__ = [
     "ArtifactMismatchError",
     "atomic_write",
     "atomic_write_text",
+    "canonical_digest",
     "check_provenance",
     "dataset_fingerprint",
     "file_sha256",
@@ -189,15 +190,16 @@ def _sync_directory(directory: Path) -> None:
         os.close(handle)
 
 
-def _canonical_digest(fields: dict) -> str:
+def canonical_digest(fields: dict) -> str:
     """SHA-256 (hex) of `fields` as canonical JSON: sorted keys, no whitespace, ASCII."""
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def save_artifact(directory: str | os.PathLike, stem: str, tensors: dict[str, Tensor], meta: dict):
-    """Write `stem.safetensors`, then `stem.json`, each atomically: a JSON file always
-    describes the tensor file next to it, or is absent.
+    """Write `stem.safetensors`, then `stem.json`, each atomically. A run killed between the
+    two renames leaves the old JSON beside the new tensors, which loading detects (the
+    tensor checksum) and names.
 
     The JSON record is `meta` plus `format_version`, the tensor file's `sha256` and
     `manifest_sha256` over all of these (see the module docstring). `meta` must be JSON
@@ -215,7 +217,7 @@ def save_artifact(directory: str | os.PathLike, stem: str, tensors: dict[str, Te
     )
     record = {"format_version": FORMAT_VERSION, **meta, "sha256": file_sha256(tensor_path)}
     # Digest what loading will see: JSON turns tuples into lists and keys into strings.
-    record["manifest_sha256"] = _canonical_digest(json.loads(json.dumps(record)))
+    record["manifest_sha256"] = canonical_digest(json.loads(json.dumps(record)))
     atomic_write_text(directory / f"{stem}.json", json.dumps(record, indent=2, sort_keys=True))
 
 
@@ -251,7 +253,7 @@ def load_artifact(directory: str | os.PathLike, stem: str) -> tuple[dict[str, Te
             "artifact with this one."
         )
     fields = {key: value for key, value in meta.items() if key != "manifest_sha256"}
-    if _canonical_digest(fields) != meta.get("manifest_sha256"):
+    if canonical_digest(fields) != meta.get("manifest_sha256"):
         raise ArtifactCorruptError(
             f"the metadata in {json_path} was altered: it does not match the record's "
             "manifest_sha256 (edited by hand or damaged); recreate the artifact rather than "

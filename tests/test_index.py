@@ -1,7 +1,6 @@
 """Index: exactness against engine.score, invariances, compressions, storage, search, errors."""
 
 import dataclasses
-import json
 import math
 
 import numpy as np
@@ -19,6 +18,7 @@ from fastinf.index.compress import CoordinateLayout, damped_ratio, make_compress
 from fastinf.index.encode import Quantizer, VectorEncoder
 from fastinf.index.scorer import bounded_rerank
 from fastinf.index.search import SearchIndex
+from fastinf.index.store import IndexStore
 from fastinf.scoring import TopK
 
 from tiny import SMALL_SCORE, TinyConvEps, random_dataset, undocumented
@@ -424,9 +424,8 @@ def test_shard_of_another_build_is_detected(engine, tmp_path):
         (tmp_path / "a" / "shards" / name).write_bytes(
             (tmp_path / "b" / "shards" / name).read_bytes()
         )
-    manifest = json.loads((tmp_path / "a" / "index.json").read_text())
-    manifest["complete"] = False
-    (tmp_path / "a" / "index.json").write_text(json.dumps(manifest))
+    store = IndexStore(tmp_path / "a")  # as a build killed before its end leaves it
+    store.write_manifest({**store.read_manifest(), "complete": False})
     with pytest.raises(ArtifactMismatchError, match="belongs to another index build"):
         engine.build_index(tmp_path / "a", EXACT)
 
@@ -469,9 +468,8 @@ def test_incomplete_build_is_named_and_resumes_only_the_missing_shard(engine, tm
     kept = tmp_path / "shards" / "shard_00000.npy"
     before = kept.stat().st_mtime_ns
     (tmp_path / "shards" / "shard_00001.json").unlink()
-    manifest = json.loads((tmp_path / "index.json").read_text())
-    manifest["complete"] = False
-    (tmp_path / "index.json").write_text(json.dumps(manifest))
+    store = IndexStore(tmp_path)  # as a build killed before its end leaves it
+    store.write_manifest({**store.read_manifest(), "complete": False})
     with pytest.raises(RuntimeError, match=r"incomplete \(2 of 3 shards\)"):
         engine.load_index(tmp_path)
     resumed = engine.build_index(tmp_path, EXACT).vectors()
@@ -552,3 +550,13 @@ def test_answers_report_the_first_stage_recall_measured_at_build(fitted, engine,
     engine.build_index(tmp_path / "coarse", dataclasses.replace(coarse, sketch_seed=3))
     assert engine.score(queries, k=3).search_recall["recall_at_k"] < 1.0
     assert engine.score(queries, k=3, indices=[0, 1, 2]).search_recall is None
+
+
+def test_a_hand_edited_manifest_is_refused_and_a_rebuild_resumes(engine, tmp_path):
+    built = engine.build_index(tmp_path, EXACT).vectors()
+    path = tmp_path / "index.json"
+    path.write_text(path.read_text().replace('"exact_rerank": 0', '"exact_rerank": 5'))
+    with pytest.raises(ArtifactCorruptError, match=r"index.json was altered.*shards are kept"):
+        engine.load_index(tmp_path)
+    path.unlink()
+    np.testing.assert_array_equal(engine.build_index(tmp_path, EXACT).vectors(), built)

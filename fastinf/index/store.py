@@ -32,6 +32,7 @@ from ..artifacts import (
     ArtifactCorruptError,
     ArtifactMismatchError,
     atomic_write,
+    canonical_digest,
     file_sha256,
 )
 from ..locks import LOCK_NAME
@@ -43,6 +44,7 @@ ORDER = "order.npy"
 SHARDS = "shards"
 SEARCH_FILE = "search.faiss"
 KIND = "fastinf-index"
+DIGEST = "manifest_sha256"
 COMPRESSOR_STEM = "compressor"
 _SHARD_FILE = re.compile(rf"{SHARDS}/shard_\d{{5}}\.(npy|json)")
 
@@ -115,11 +117,19 @@ class IndexStore:
                 f"{self.manifest_path} has format version {manifest.get('format_version')}, "
                 f"this fastinf reads {FORMAT_VERSION}; rebuild the index."
             )
+        fields = {key: value for key, value in manifest.items() if key != DIGEST}
+        if canonical_digest(fields) != manifest.get(DIGEST):
+            raise ArtifactCorruptError(
+                f"{self.manifest_path} was altered (it does not match its {DIGEST}); delete it "
+                "and run the same build command: finished shards are kept."
+            )
         return manifest
 
     def write_manifest(self, manifest: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         record = {"kind": KIND, "format_version": FORMAT_VERSION, **manifest}
+        record.pop(DIGEST, None)
+        record[DIGEST] = canonical_digest(json.loads(json.dumps(record)))
         text = json.dumps(record, indent=1, sort_keys=True).encode()
         atomic_write(self.manifest_path, lambda tmp: tmp.write_bytes(text))
 
