@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from .artifacts import ArtifactCorruptError, ArtifactMismatchError
 from .config import CurvatureConfig, ScoreConfig
 from .curvature import Curvature, fit_curvature, load_curvature, require_eigenbasis
+from .curvature.base import NO_CURVATURE
 from .diffusion import NoiseSchedule
 from .index.build import build_index
 from .index.config import IndexConfig
@@ -114,9 +115,7 @@ class InfluenceEngine:
 
     def _require_curvature(self) -> Curvature:
         if self.curvature is None:
-            raise RuntimeError(
-                "no curvature: call engine.fit() or engine.load_curvature(directory) first."
-            )
+            raise RuntimeError(NO_CURVATURE)
         return self.curvature
 
     # -- index -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .artifacts import check_provenance
+from .curvature.base import NO_CURVATURE
 from .gradients import BlockConsumer
 from .kernels import empty_topk, score_params, topk_merge
 from .layers import LayerCall
@@ -155,9 +156,7 @@ class ExactScorer:
 
     def _prepared(self, queries: Tensor | QueryCache, cond) -> QueryCache:
         if self.preparer is None:
-            raise RuntimeError(
-                "no curvature: call engine.fit() or engine.load_curvature(directory) first."
-            )
+            raise RuntimeError(NO_CURVATURE)
         return self.preparer.prepare(queries, cond)
 
     def topk(

@@ -24,6 +24,7 @@ from ..layers import LayerInfo
 from ..source import LayerGrads
 
 __all__ = [
+    "NO_CURVATURE",
     "Curvature",
     "CurvatureError",
     "EigenbasisCurvature",
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 ARTIFACT = "curvature"
+
+
+NO_CURVATURE = "no curvature: call engine.fit() or engine.load_curvature(directory) first."
 
 
 class CurvatureError(ValueError):

@@ -28,10 +28,10 @@ from ..source import GradientSource
 from .compress import CoordinateLayout, damped_ratio, make_compressor
 from .config import IndexConfig
 from .encode import Quantizer, VectorEncoder
-from .identity import COMPRESSOR, build_id, check_identity, index_identity, load_encoder
+from .identity import build_id, check_identity, index_identity, load_encoder
 from .recall import first_stage_recall
 from .search import SearchIndex
-from .store import BuildPlan, IndexStore, npy_bytes
+from .store import COMPRESSOR, BuildPlan, IndexStore, npy_bytes
 
 __all__ = ["build_index"]
 
@@ -45,7 +45,8 @@ def _train_blocks(source: GradientSource, positions: Sequence[int]):
 
 
 def _calibrate(source: GradientSource, curvature, config: IndexConfig, layout, order: np.ndarray):
-    """The compressor (ranked by calibration energy when asked) and the quantizer."""
+    """The encoder (its compressor ranked by calibration energy when asked), the quantizer,
+    and the calibration examples' index vectors."""
     score = source.config
     ranking = damped_ratio(curvature, score.damping, score.damping_mode)
     calibration = order[: config.calibration_examples]
@@ -65,14 +66,16 @@ def _calibrate(source: GradientSource, curvature, config: IndexConfig, layout, o
         ranking = energy
     compressor = make_compressor(layout, config, ranking)
     encoder = VectorEncoder(curvature, score.damping, score.damping_mode, compressor)
-    if config.storage not in ("int8", "int4"):
-        return compressor, Quantizer(config.storage)
+    # One pass over the calibration examples serves the integer scales and the recall.
     vectors = []
-    with progress_bar(len(calibration), f"index calibration ({config.storage} scales)") as bar:
+    with progress_bar(len(calibration), "index calibration (vectors)") as bar:
         for chunk, grads in _train_blocks(source, calibration):
             vectors.append(encoder.encode(grads).cpu())
             bar.update(len(chunk))
-    return compressor, Quantizer.calibrate(config, torch.cat(vectors))
+    vectors = torch.cat(vectors)
+    if config.storage not in ("int8", "int4"):
+        return encoder, Quantizer(config.storage), vectors
+    return encoder, Quantizer.calibrate(config, vectors), vectors
 
 
 def _prepare(
@@ -90,7 +93,8 @@ def _prepare(
         store.write_manifest(existing)
         return
     layout = CoordinateLayout(curvature)
-    compressor, quantizer = _calibrate(source, curvature, config, layout, order)
+    encoder, quantizer, vectors = _calibrate(source, curvature, config, layout, order)
+    compressor = encoder.compressor
     kept = getattr(compressor, "kept", None)
     tensors = {**quantizer.tensors(), **({} if kept is None else {"kept": kept})}
     save_artifact(
@@ -100,10 +104,8 @@ def _prepare(
         {"build_id": build_id(identity), "fingerprint": compressor.fingerprint()},
     )
     store.write_order(order)
-    score = source.config
-    encoder = VectorEncoder(curvature, score.damping, score.damping_mode, compressor)
     pool = [int(i) for i in order[: config.calibration_examples]]
-    recall = first_stage_recall(source, curvature, config, encoder, quantizer, pool)
+    recall = first_stage_recall(source, curvature, config, encoder, quantizer, pool, vectors)
     store.write_manifest(
         {
             **identity,

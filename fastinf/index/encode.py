@@ -16,7 +16,12 @@ from ..source import LayerGrads
 from .compress import Compressor, CoordinateLayout, whitening_scales
 from .config import IndexConfig
 
-__all__ = ["Quantizer", "VectorEncoder"]
+__all__ = ["Quantizer", "VectorEncoder", "as_float64"]
+
+
+def as_float64(grads: LayerGrads) -> LayerGrads:
+    """Per-layer tensors in float64: query vectors are encoded at full precision."""
+    return {n: (w.double(), None if b is None else b.double()) for n, (w, b) in grads.items()}
 
 
 class VectorEncoder:

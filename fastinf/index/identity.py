@@ -13,10 +13,9 @@ from ..source import GradientSource
 from .compress import CoordinateLayout, damped_ratio, make_compressor
 from .config import IndexConfig
 from .encode import Quantizer, VectorEncoder
-from .store import COMPRESSOR_STEM, IndexStore
+from .store import COMPRESSOR, IndexStore
 
 __all__ = [
-    "COMPRESSOR",
     "GRADIENT_FIELDS",
     "build_id",
     "check_curvature",
@@ -27,7 +26,6 @@ __all__ = [
 ]
 
 GRADIENT_FIELDS = ("train_draws", "train_objective", "seed", "damping", "damping_mode")
-COMPRESSOR = COMPRESSOR_STEM
 SECTIONS = ("provenance", "curvature", "gradients")
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..curvature import EigenbasisCurvature
 from ..queries import QueryPreparer
 from ..scoring import ExactScorer
 from ..source import GradientSource
 from .config import IndexConfig
-from .encode import Quantizer, VectorEncoder
+from .encode import Quantizer, VectorEncoder, as_float64
 
 __all__ = ["RECALL_K", "first_stage_recall"]
 
@@ -36,8 +37,14 @@ def first_stage_recall(
     encoder: VectorEncoder,
     quantizer: Quantizer,
     pool: list[int],
+    pool_vectors: Tensor,
 ) -> dict:
-    """{"k", "candidates", "recall_at_k", "recall_at_candidates", "pool", "queries"}."""
+    """{"k", "candidates", "recall_at_k", "recall_at_candidates", "pool", "queries"}.
+
+    Args:
+        pool_vectors: the pool's index vectors [len(pool), dim], as the build's calibration
+            computed them (the pool is its calibration examples).
+    """
     # k well below the pool's size, else any ranking would find the true top-k.
     k = min(RECALL_K, (len(pool) - 1) // 4)
     if k < 1:
@@ -48,12 +55,8 @@ def first_stage_recall(
     preparer = QueryPreparer(source, curvature)
     cache = preparer.prepare(images)
     exact = ExactScorer(source, preparer).scores(cache, pool)
-    pre = {
-        n: (w.double(), None if b is None else b.double())
-        for n, (w, b) in cache.preconditioned.items()
-    }
-    queries = quantizer.query(encoder.encode(pre, preconditioned=True))
-    stored = quantizer.values(quantizer.store(encoder.encode(source.train_gradients(pool))))
+    queries = quantizer.query(encoder.encode(as_float64(cache.preconditioned), preconditioned=True))
+    stored = quantizer.values(quantizer.store(pool_vectors))
     approximate = torch.from_numpy(queries.astype(np.float64) @ stored.astype(np.float64).T)
     own = torch.tensor([[example == query for example in pool] for query in asked])
     found = {k: [], candidates: []}

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..queries import QueryCache
 from ..scoring import ExactScorer, InfluenceResult, TopK, clip_k
+from .encode import as_float64
 from .identity import check_curvature, check_gradients
 from .index import TrainingIndex
 
@@ -55,15 +56,11 @@ class IndexScorer:
         encoder = self.index.encoder
         if isinstance(queries, QueryCache):
             cache = self.preparer.check(queries)
-            pre = {
-                n: (w.double(), None if b is None else b.double())
-                for n, (w, b) in cache.preconditioned.items()
-            }
+            pre = as_float64(cache.preconditioned)
             return encoder.encode(pre, preconditioned=True), cache.query_ids
         block = self.source.query_block(queries, cond)
         grads = self.source.gradients(block, self.source.measurement(), self.source.query_spec())
-        grads = {n: (w.double(), None if b is None else b.double()) for n, (w, b) in grads.items()}
-        return encoder.encode(grads), block.ids
+        return encoder.encode(as_float64(grads)), block.ids
 
     def topk(
         self,

@@ -45,7 +45,7 @@ SHARDS = "shards"
 SEARCH_FILE = "search.faiss"
 KIND = "fastinf-index"
 DIGEST = "manifest_sha256"
-COMPRESSOR_STEM = "compressor"
+COMPRESSOR = "compressor"  # stem of the compressor artifact
 _SHARD_FILE = re.compile(rf"{SHARDS}/shard_\d{{5}}\.(npy|json)")
 
 
@@ -236,7 +236,7 @@ class IndexStore:
     def _is_own(self, path: Path) -> bool:
         """Whether `path` (inside the directory) is a file or folder an index build writes."""
         name = path.relative_to(self.directory).as_posix().removesuffix(TEMPORARY_SUFFIX)
-        top = (MANIFEST, ORDER, f"{COMPRESSOR_STEM}.json", f"{COMPRESSOR_STEM}.safetensors")
+        top = (MANIFEST, ORDER, f"{COMPRESSOR}.json", f"{COMPRESSOR}.safetensors")
         return name in (*top, SEARCH_FILE, SHARDS) or bool(_SHARD_FILE.fullmatch(name))
 
     def remove(self) -> None:
