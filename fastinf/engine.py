@@ -142,10 +142,10 @@ class InfluenceEngine:
         then searches it instead of streaming the training set (`unload_index` undoes).
         `verify`: check every file's checksum; `sharded`: under torch.distributed, hold
         only this rank's shards (`fastinf.index.TrainingIndex.load`)."""
+        # `load` checks the index's model, data, curvature, draws and damping against these.
         index = TrainingIndex.load(
             directory, self.source, self._require_curvature(), verify=verify, sharded=sharded
         )
-        IndexScorer(index, self._exact())  # refuses an index of other draws or damping now
         self.index = index
         return index
 

@@ -154,10 +154,10 @@ class ExactScorer:
         self.source = source
         self.preparer = preparer  # None: no curvature yet, only `score_matrices` of caches
 
-    def _prepared(self, queries: Tensor | QueryCache, cond) -> QueryCache:
+    def _require_preparer(self) -> QueryPreparer:
         if self.preparer is None:
             raise RuntimeError(NO_CURVATURE)
-        return self.preparer.prepare(queries, cond)
+        return self.preparer
 
     def topk(
         self,
@@ -175,7 +175,7 @@ class ExactScorer:
         Returns top-k proponents and opponents per query, and the full [Q, N] score matrix
         (columns in the order of `indices`, default dataset order) if `return_scores`.
         """
-        cache = self._prepared(queries, cond)
+        cache = self._require_preparer().prepare(queries, cond)
         total = len(self.source.train_set) if indices is None else len(indices)
         k = clip_k(k, total)
         top = empty_topk(cache.num_queries, k, largest=True, dtype=torch.float64)
@@ -201,7 +201,7 @@ class ExactScorer:
 
     def scores(self, cache: QueryCache, examples: Sequence[int]) -> Tensor:
         """τ [Q, len(examples)] float64 of a prepared cache against chosen examples."""
-        self._prepared(cache, None)
+        self._require_preparer().check(cache)
         return self._matrix(cache.preconditioned, examples, self.source.train_spec())
 
     def score_matrices(
