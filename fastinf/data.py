@@ -10,6 +10,7 @@ into what a model is called with (None when every item is unconditional).
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -105,6 +106,29 @@ def validate_images(images, sample_shape: tuple[int, int, int], what: str = "ima
             stacklevel=2,
         )
     return images
+
+
+def validate_indices(indices, size: int, what: str = "indices") -> list[int]:
+    """`indices` as a list of ints, each a valid position in a dataset of `size` items.
+
+    Negative positions are refused rather than counted from the end: a result row that
+    says "-1" would not name a training example.
+    """
+    try:
+        order = [operator.index(i) for i in indices]
+    except TypeError as error:
+        raise ValueError(
+            f"{what} must be integers (positions in the training set), got {indices!r:.80}; "
+            "pass a list or int64 tensor of example numbers."
+        ) from error
+    bad = [i for i in order if not 0 <= i < size]
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise ValueError(
+            f"{what} {shown} are outside the training set of {size} examples; pass positions "
+            f"0..{size - 1}."
+        )
+    return order
 
 
 class ImageTensorDataset(Dataset):

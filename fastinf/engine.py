@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -276,6 +277,7 @@ class InfluenceEngine:
 
 
 _DEFAULT_ENGINE: InfluenceEngine | None = None
+_DEFAULT_LOCK = threading.Lock()
 
 
 def default_engine(cache_dir: str | os.PathLike | None = None) -> InfluenceEngine:
@@ -285,20 +287,25 @@ def default_engine(cache_dir: str | os.PathLike | None = None) -> InfluenceEngin
     $FASTINF_CACHE or ./.fastinf_cache), then loaded on later calls.
     """
     global _DEFAULT_ENGINE
-    if _DEFAULT_ENGINE is None:
-        from .data import load_digits_dataset
-        from .models import default_schedule, load_digits_model
-
-        engine = InfluenceEngine(load_digits_model(), default_schedule(), load_digits_dataset())
-        directory = Path(cache_dir or os.environ.get("FASTINF_CACHE", ".fastinf_cache")) / "digits"
-        try:
-            engine.load_curvature(directory)
-        except (FileNotFoundError, ArtifactCorruptError, ArtifactMismatchError):
-            # The cache is fastinf's own: missing, damaged or from another version, refit it.
-            engine.fit()
-            engine.save_curvature(directory)
-        _DEFAULT_ENGINE = engine
+    with _DEFAULT_LOCK:  # threads asking at once share one fit
+        if _DEFAULT_ENGINE is None:
+            _DEFAULT_ENGINE = _load_default(cache_dir)
     return _DEFAULT_ENGINE
+
+
+def _load_default(cache_dir: str | os.PathLike | None) -> InfluenceEngine:
+    from .data import load_digits_dataset
+    from .models import default_schedule, load_digits_model
+
+    engine = InfluenceEngine(load_digits_model(), default_schedule(), load_digits_dataset())
+    directory = Path(cache_dir or os.environ.get("FASTINF_CACHE", ".fastinf_cache")) / "digits"
+    try:
+        engine.load_curvature(directory)
+    except (FileNotFoundError, ArtifactCorruptError, ArtifactMismatchError):
+        # The cache is fastinf's own: missing, damaged or from another version, refit it.
+        engine.fit()
+        engine.save_curvature(directory)
+    return engine
 
 
 def topk_influencers(

@@ -7,14 +7,14 @@ layer's rows for one example are `rows.reshape(B, K·R, d)`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data import UNCONDITIONAL, batch_cond
+from .data import UNCONDITIONAL, batch_cond, validate_indices
 from .diffusion import Measurement, NoiseSchedule, make_draws, output_noise
 from .layers import LayerCall
 
@@ -82,7 +82,7 @@ class _Indexed(Dataset):
 def example_blocks(
     dataset: Dataset,
     block_size: int,
-    indices: list[int] | None = None,
+    indices: Sequence[int] | None = None,
     num_workers: int = 0,
 ) -> Iterator[ExampleBlock]:
     """Stream `dataset` (items `(image, cond)` or images; cond -1 = unconditional) in blocks.
@@ -90,7 +90,13 @@ def example_blocks(
     Nothing but one block (per worker) is held in memory, so any map-style dataset works:
     tensors, image folders, memory-mapped arrays, precomputed latents.
     """
-    order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    # Checked here, before the first block is loaded, not when the stream is first read.
+    size = len(dataset)
+    order = list(range(size)) if indices is None else validate_indices(indices, size)
+    return _blocks(dataset, block_size, order, num_workers)
+
+
+def _blocks(dataset: Dataset, block_size: int, order: list[int], num_workers: int):
     loader = DataLoader(
         _Indexed(dataset, order),
         batch_size=block_size,

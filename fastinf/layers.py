@@ -16,6 +16,7 @@ see the whole gradient.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,12 +176,19 @@ class LayerCall:
 
 class _Capture:
     """Forward hooks that record each tracked call; gradient hooks that deliver complete
-    (act, grad) rows once per layer per backward pass."""
+    (act, grad) rows once per layer per backward pass.
+
+    The forward hooks sit on modules that other threads may be running at the same time
+    (a service sharing one engine between request threads): each capture records only the
+    forwards of the thread that opened it, so concurrent captures never see each other's
+    calls. Gradient hooks are registered on this thread's own output tensors.
+    """
 
     def __init__(self, layers: dict[str, LayerInfo], consumer: Callable[[str, LayerCall], None]):
         self.layers = layers
         self.consumer = consumer
         self.handles: list = []
+        self.thread = threading.get_ident()
         self.reset()
 
     def reset(self) -> None:
@@ -190,7 +198,11 @@ class _Capture:
 
     def _forward_hook(self, name: str):
         def hook(module, args, output):
-            if not torch.is_grad_enabled() or not output.requires_grad:
+            if (
+                threading.get_ident() != self.thread
+                or not torch.is_grad_enabled()
+                or not output.requires_grad
+            ):
                 return
             inputs = args[0]
             if inputs.shape[0] != output.shape[0]:

@@ -14,6 +14,8 @@ sidecar with the same stem holding the UNet config, the noise schedule and prove
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,15 +95,32 @@ class DiffusersEpsModel(nn.Module):
         return self.unet(x_t, timesteps, class_labels=cond).sample
 
 
+_EVAL_LOCK = threading.Lock()
+# model -> (blocks inside eval_mode now, the mode to restore when the last one leaves)
+_EVAL_DEPTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` in eval mode inside the block, back in its previous mode after, even on error."""
-    was_training = model.training
-    model.eval()
+    """`model` in eval mode inside the block, back in its previous mode after, even on error.
+
+    Safe across threads sharing one model: the mode is saved by the first block to enter
+    and restored by the last to leave, so no thread's exit puts the model back in training
+    mode while another thread is still inside.
+    """
+    with _EVAL_LOCK:
+        count, was_training = _EVAL_DEPTH.get(model, (0, model.training))
+        _EVAL_DEPTH[model] = (count + 1, was_training)
+        model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        with _EVAL_LOCK:
+            count, was_training = _EVAL_DEPTH.pop(model)
+            if count > 1:
+                _EVAL_DEPTH[model] = (count - 1, was_training)
+            else:
+                model.train(was_training)
 
 
 def as_eps_model(model: nn.Module) -> nn.Module:

@@ -147,15 +147,49 @@ class GradientSource:
             cond: class labels [Q] (or one int) for a class-conditional model.
         """
         images = validate_images(queries, self.sample_shape, what="queries")
+        if images.shape[0] == 0:
+            raise ValueError(
+                f"queries is an empty batch (shape {tuple(images.shape)}); pass at least one "
+                f"image [Q >= 1, {', '.join(map(str, self.sample_shape))}]."
+            )
         images = images.to(self.device, self.dtype)
         if cond is not None:
-            cond = torch.as_tensor(cond, dtype=torch.int64).reshape(-1).expand(images.shape[0])
-            cond = cond.to(self.device)
+            cond = self._query_cond(cond, images.shape[0])
         ids = [
             _content_id(images[row], None if cond is None else int(cond[row]))
             for row in range(images.shape[0])
         ]
         return ExampleBlock(torch.tensor(ids, dtype=torch.int64), images, cond)
+
+    def _query_cond(self, cond, count: int) -> Tensor:
+        """Class labels [count] for `count` queries, checked against the model."""
+        conditional = getattr(self.model, "is_conditional", None)
+        if conditional is False:
+            raise ValueError(
+                "cond was given but the model is unconditional, so it would be ignored; drop "
+                "cond (or attribute a class-conditional model)."
+            )
+        try:
+            labels = torch.as_tensor(cond)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"cond must be class labels (ints), got {cond!r:.80}.") from error
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(
+                f"cond must be integer class labels, got dtype {labels.dtype}; pass int64 labels."
+            )
+        labels = labels.to(torch.int64).reshape(-1)
+        if labels.numel() not in (1, count):
+            raise ValueError(
+                f"cond has {labels.numel()} labels for {count} queries; pass one label per "
+                "query or a single label for all."
+            )
+        classes = getattr(self.model, "num_classes", None)
+        if classes is not None and bool(((labels < 0) | (labels >= classes)).any()):
+            raise ValueError(
+                f"cond labels {sorted(set(labels.tolist()))} are outside the model's classes "
+                f"0..{classes - 1}; pass labels in that range."
+            )
+        return labels.expand(count).to(self.device)
 
     def train_blocks(
         self, indices: Sequence[int] | None = None, block_size: int | None = None
