@@ -133,9 +133,12 @@ def _write_text(path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def _save_or_fallback(save, target: str, what: str, *, folder: bool = False) -> None:
-    """`save(target)`; if that fails, save to a new temporary path and name it in the error,
-    so that finished work is never lost to a full disk or a missing permission."""
+def _save_or_fallback(
+    save, target: str, what: str, *, folder: bool = False, suffix: str = ".json"
+) -> None:
+    """`save(target)`; if that fails, save to a new temporary path (a folder, or a file
+    ending in `suffix`) and name it in the error, so that finished work is never lost to a
+    full disk or a missing permission."""
     try:
         save(target)
     except OSError as error:
@@ -144,7 +147,7 @@ def _save_or_fallback(save, target: str, what: str, *, folder: bool = False) -> 
         if folder:
             fallback = tempfile.mkdtemp(prefix=f"fastinf-{what}-")
         else:
-            handle, fallback = tempfile.mkstemp(prefix=f"fastinf-{what}-", suffix=".json")
+            handle, fallback = tempfile.mkstemp(prefix=f"fastinf-{what}-", suffix=suffix)
             os.close(handle)
         save(fallback)
         raise OSError(
@@ -183,9 +186,24 @@ def _cmd_fit(args) -> int:
     return 0
 
 
+def _report_details(args, num_train: int, num_queries: int, strategy: str, score_s: float):
+    """What `topk --html` shows above its gallery: what was attributed, and how."""
+    scoring = f"index {args.index}" if args.index else "exact"
+    return {
+        "model": args.weights or "embedded digits DDPM",
+        "training set": f"{args.data or 'scikit-learn digits'} ({num_train} images)",
+        "queries": args.queries or f"{num_queries} generated (seed {args.seed})",
+        "curvature": f"{strategy} ({args.curvature})",
+        "k": args.k,
+        "scoring": f"{scoring}; {args.train_draws} train / {args.query_draws} query draws, "
+        f"{args.measurement}, damping {args.damping:g} ({args.damping_mode})",
+        "score time": f"{score_s:.2f} s",
+    }
+
+
 def _cmd_topk(args) -> int:
     engine = _engine(args, _score_config(args))
-    engine.load_curvature(args.curvature)
+    curvature = engine.load_curvature(args.curvature)
     rank = 0
     if args.index:
         from .distributed import init_distributed
@@ -206,6 +224,7 @@ def _cmd_topk(args) -> int:
             sample_ddpm(engine.model, engine.schedule, args.generate, seed=args.seed),
             None,
         )
+    start = time.perf_counter()
     result = engine.score(
         queries.to(engine.dtype),
         k=args.k,
@@ -213,6 +232,7 @@ def _cmd_topk(args) -> int:
         exact_rerank=args.exact_rerank,
         rerank_sigmas=args.rerank_sigmas,
     )
+    score_s = time.perf_counter() - start
     if rank != 0:
         return 0
     text = json.dumps(result.to_dict(), indent=1)
@@ -221,6 +241,20 @@ def _cmd_topk(args) -> int:
         print(f"top-{args.k} proponents and opponents of {queries.shape[0]} queries in {args.out}")
     else:
         print(text)
+    if args.html:
+        from .report import write_report
+
+        details = _report_details(
+            args, len(engine.train_set), queries.shape[0], curvature.config.strategy, score_s
+        )
+
+        def save(path):
+            title = f"fastinf top-{args.k} proponents and opponents"
+            write_report(path, queries, result, engine.train_set, title=title, details=details)
+
+        _save_or_fallback(save, args.html, "report", suffix=".html")
+        # With the JSON on stdout, the notice goes to stderr so that stdout stays JSON.
+        print(f"HTML report in {args.html}", file=sys.stdout if args.out else sys.stderr)
     return 0
 
 
@@ -488,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     topk.add_argument("--seed", type=int, default=0, help="sampling seed for --generate")
     topk.add_argument("--out", help="write the JSON here instead of printing it")
     topk.add_argument(
+        "--html", help="also write a self-contained HTML gallery here (.html or .htm)"
+    )
+    topk.add_argument(
         "--index",
         help="search this index (`fastinf index`) instead of scoring every training image; "
         "--train-draws/--damping/--damping-mode must be those it was built with",
@@ -627,6 +664,14 @@ def _output_file(path: str | None, option: str) -> None:
         _writable(Path(path).absolute(), option)
 
 
+def _html_file(path: str, out: str | None) -> None:
+    if Path(path).suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--html {path}: name a .html or .htm file, e.g. --html report.html.")
+    if out is not None and Path(path).absolute() == Path(out).absolute():
+        raise ValueError(f"--html {path} is also --out; give the JSON and the report two names.")
+    _output_file(path, "--html")
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse missing inputs, outputs of the wrong kind, finished work that would be
     replaced and options given without the one they need — before anything is computed."""
@@ -646,6 +691,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         _output_folder(args.run_dir, "--run-dir")
     if command in ("topk", "lds"):
         _output_file(args.out, "--out")
+    if command == "topk" and args.html is not None:
+        _html_file(args.html, args.out)
     if command == "fit" and not args.force and (Path(args.out) / "curvature.json").exists():
         raise ValueError(
             f"--out {args.out} already holds a curvature (indexes built on it would no longer "

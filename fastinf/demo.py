@@ -19,6 +19,7 @@ from .artifacts import atomic_write_text
 from .config import CurvatureConfig, ScoreConfig
 from .data import load_digits_dataset
 from .engine import InfluenceEngine
+from .imaging import to_pil
 from .models import default_schedule, load_digits_model
 from .sampling import sample_ddpm
 from .scoring import InfluenceResult
@@ -27,15 +28,6 @@ __all__ = ["DEMO_CURVATURE", "DEMO_SCORE", "attribution_grid", "run_demo"]
 
 DEMO_CURVATURE = CurvatureConfig(factor_draws=4, eigval_draws=4)
 DEMO_SCORE = ScoreConfig(train_draws=16, query_draws=64)
-
-
-def _to_pixels(image: Tensor, scale: int) -> Image.Image:
-    """A [1 or 3, H, W] image in [-1, 1] as an upscaled greyscale/RGB PIL image."""
-    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    mode = "L" if array.shape[0] == 1 else "RGB"
-    array = array[0] if mode == "L" else array.permute(1, 2, 0)
-    picture = Image.fromarray(array.numpy(), mode=mode)
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
 def attribution_grid(
@@ -57,12 +49,12 @@ def attribution_grid(
     draw.text((opp_x, 2), "top opponents (made it less likely) ->", fill="darkred")
     for row in range(queries.shape[0]):
         top = header + row * (height + gap)
-        grid.paste(_to_pixels(queries[row], scale), (0, top))
+        grid.paste(to_pil(queries[row], scale), (0, top))
         for col in range(columns):
             for base, topk in ((prop_x, result.proponents), (opp_x, result.opponents)):
                 index = int(topk.indices[row, col])
                 if index >= 0:
-                    grid.paste(_to_pixels(train_images[index], scale), (base + col * cell, top))
+                    grid.paste(to_pil(train_images[index], scale), (base + col * cell, top))
     return grid
 
 
