@@ -160,6 +160,36 @@ def test_bounded_rerank_is_the_exact_top_k_when_the_bounds_hold(batch):
     assert len(rescored) < examples  # the certain ones were left alone
 
 
+def test_bounded_rerank_of_a_batch_equals_each_query_alone():
+    """A micro-batch must not change an answer: each query uses only the exact scores it
+    asked for itself, though the batch shares the re-scoring passes."""
+    generator = torch.Generator().manual_seed(3)
+    queries, examples, k, sigmas, batch = 6, 50, 4, 1.0, 3
+    exact = torch.randn(queries, examples, generator=generator, dtype=torch.float64)
+    sigma = 0.1 + 0.5 * torch.rand(queries, examples, generator=generator, dtype=torch.float64)
+    index_scores = exact + sigma * torch.randn(queries, examples, generator=generator).double()
+    found, spread = [], []
+    for sign in (1.0, -1.0):
+        order = (sign * index_scores).argsort(dim=1, descending=True)[:, :20]
+        found.append(TopK(order, index_scores.gather(1, order)))
+        spread.append(sigma.gather(1, order))
+    together = _KnownScores(exact)
+    batched = bounded_rerank(tuple(found), spread, k, sigmas, together, batch)
+    computed = 0
+    for row in range(queries):
+        alone = _KnownScores(exact[row : row + 1])
+        parts = tuple(TopK(p.indices[row : row + 1], p.scores[row : row + 1]) for p in found)
+        single = bounded_rerank(parts, [s[row : row + 1] for s in spread], k, sigmas, alone, batch)
+        computed += sum(map(len, alone.calls))
+        for one, many in zip(single, batched, strict=True):
+            assert torch.equal(one.indices[0], many.indices[row])
+            assert torch.equal(one.scores[0], many.scores[row])
+            assert torch.equal(one.exact[0], many.exact[row])
+    shared = [example for call in together.calls for example in call]
+    assert len(shared) == len(set(shared)) < computed  # shared passes, nothing twice
+    assert all(len(call) <= batch for call in together.calls)
+
+
 def test_countsketch_error_model_matches_the_sketch_variance(engine):
     """Var over sketch seeds of ⟨Sx, Sy⟩ − ⟨x, y⟩ is (‖x‖²‖y‖² + ⟨x, y⟩² − 2Σx_i²y_i²) / dim;
     the re-rank's model keeps its leading term ‖x‖²‖y‖² / dim."""

@@ -95,7 +95,7 @@ class TrainingIndex:
         self.rows = torch.cat([torch.arange(r["start"], r["stop"]) for r in records])
         self.shards = [store.open_shard(record, verify=verify) for record in records]
         self._norms: Tensor | None = None
-        self._positions: np.ndarray | None = None
+        self._positions: tuple[np.ndarray, np.ndarray] | None = None
         if self.config.search == "flat":
             norms: list[np.ndarray] = []
             self.search_index = SearchIndex.build(
@@ -202,10 +202,13 @@ class TrainingIndex:
         if self._norms is not None:
             return self._norms[examples]
         if self._positions is None:  # dataset index → (local row, shard start), once
-            self._positions = np.full(int(self.order.max()) + 1, -1, dtype=np.int64)
-            self._positions[self.order[self.rows].numpy()] = np.arange(len(self.rows))
-            self._starts = np.cumsum([0] + [len(values) for values in self.shards])
-        wanted, starts = self._positions[examples.flatten().numpy()], self._starts
+            positions = np.full(int(self.order.max()) + 1, -1, dtype=np.int64)
+            positions[self.order[self.rows].numpy()] = np.arange(len(self.rows))
+            starts = np.cumsum([0] + [len(values) for values in self.shards])
+            # Published as one tuple: a thread never sees positions without their starts.
+            self._positions = (positions, starts)
+        positions, starts = self._positions
+        wanted = positions[examples.flatten().numpy()]
         shard = np.searchsorted(starts, wanted, side="right") - 1
         out = np.empty(len(wanted))
         for i, (which, row) in enumerate(zip(shard, wanted - starts[shard], strict=True)):

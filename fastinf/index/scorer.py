@@ -146,54 +146,66 @@ def bounded_rerank(
     """Top-k of each query and sign from index candidates, re-scoring only the uncertain.
 
     A candidate's τ lies in [score − z·σ, score + z·σ] (z = `sigmas`, σ from
-    `TrainingIndex.error_model`) until it is re-scored exactly. Rounds re-score up to `batch`
-    candidates, highest upper bound first, among those that could be in the top-k (upper
-    bound ≥ the k-th largest lower bound) and are not surely in it (lower bound above the
-    (k+1)-th largest upper bound); they stop when none is left. Every query's scores of a
-    re-scored example are kept. Returned scores are exact where `TopK.exact`, else the
-    index's.
+    `TrainingIndex.error_model`) until it is re-scored exactly. Each query goes through
+    rounds of its own: a round re-scores up to `batch` of its candidates, highest upper bound
+    first, among those that could be in the top-k (upper bound ≥ the k-th largest lower
+    bound) and are not surely in it (lower bound above the (k+1)-th largest upper bound);
+    its rounds stop when none is left. A query uses only the exact scores it asked for, so
+    its answer is the same whether it was scored alone or in a batch (a service's
+    micro-batches); the queries of a round share one re-scoring pass, and no example is
+    re-scored twice. Returned scores are exact where `TopK.exact`, else the index's.
 
     Args:
         found: (proponents, opponents) index candidates [Q, C] (opponents: ascending).
         spread: σ of each candidate's index score, [Q, C] per sign.
         exact: called with a list of training indices, fills `exact.known[index]` with
             their exact τ for every query [Q].
-        batch: most examples re-scored per call.
+        batch: most examples re-scored per query and round, and per call of `exact`.
     """
     signs = (1.0, -1.0)
+    asked: list[set[int]] = [set() for _ in range(found[0].indices.shape[0])]
     while True:
-        pending: list[list[int]] = []
-        for part, sign, sigma in zip(found, signs, spread, strict=True):
-            for row in range(part.indices.shape[0]):
-                pending.append(_uncertain(part, sign, sigma, row, k, sigmas, exact.known))
-        chosen: list[int] = []
-        for rank in range(max(map(len, pending), default=0)):
-            for items in pending:
-                if rank < len(items) and items[rank] not in chosen and len(chosen) < batch:
-                    chosen.append(items[rank])
-        if not chosen:
+        wanted: list[int] = []
+        progressed = False
+        for row, seen in enumerate(asked):
+            pending = [
+                _uncertain(part, sign, sigma, row, k, sigmas, exact.known, seen)
+                for part, sign, sigma in zip(found, signs, spread, strict=True)
+            ]
+            chosen: list[int] = []
+            for rank in range(max(map(len, pending), default=0)):
+                for items in pending:
+                    if rank < len(items) and items[rank] not in chosen and len(chosen) < batch:
+                        chosen.append(items[rank])
+            seen.update(chosen)
+            progressed = progressed or bool(chosen)
+            wanted += [example for example in chosen if example not in exact.known]
+        if not progressed:
             break
-        exact(chosen)
+        wanted = list(dict.fromkeys(wanted))
+        for start in range(0, len(wanted), batch):
+            exact(wanted[start : start + batch])
     return tuple(
-        _final(part, sign, k, exact.known) for part, sign in zip(found, signs, strict=True)
+        _final(part, sign, k, exact.known, asked) for part, sign in zip(found, signs, strict=True)
     )
 
 
-def _estimates(part: TopK, sign: float, row: int, known: dict[int, Tensor]):
-    """(valid candidate positions, sign × score, exact mask) of one query's list."""
+def _estimates(part: TopK, sign: float, row: int, known: dict[int, Tensor], seen: set[int]):
+    """(valid candidate positions, sign × score, exact mask) of one query's list; exact
+    scores only of the examples this query asked for (`seen`)."""
     valid = torch.nonzero(part.indices[row] >= 0).flatten()
     indices = part.indices[row, valid].tolist()
     scores = part.scores[row, valid].double().clone()
     mask = torch.zeros(len(indices), dtype=torch.bool)
     for position, example in enumerate(indices):
-        if example in known:
+        if example in seen:
             scores[position] = known[example][row]
             mask[position] = True
     return valid, sign * scores, mask
 
 
-def _uncertain(part, sign, sigma, row, k, sigmas, known) -> list[int]:
-    valid, score, mask = _estimates(part, sign, row, known)
+def _uncertain(part, sign, sigma, row, k, sigmas, known, seen) -> list[int]:
+    valid, score, mask = _estimates(part, sign, row, known, seen)
     width = torch.where(mask, 0.0, sigmas * sigma[row, valid].double())
     low, high = score - width, score + width
     count = min(k, score.numel())
@@ -207,10 +219,10 @@ def _uncertain(part, sign, sigma, row, k, sigmas, known) -> list[int]:
     return [int(indices[i]) for i in order.tolist() if open_[i]]
 
 
-def _final(part: TopK, sign: float, k: int, known: dict[int, Tensor]) -> TopK:
+def _final(part: TopK, sign: float, k: int, known: dict[int, Tensor], asked) -> TopK:
     rows = []
     for row in range(part.indices.shape[0]):
-        valid, score, mask = _estimates(part, sign, row, known)
+        valid, score, mask = _estimates(part, sign, row, known, asked[row])
         order = torch.argsort(score, descending=True, stable=True)[:k]
         indices = part.indices[row, valid][order]
         pad = k - order.numel()
