@@ -39,7 +39,7 @@ from .queries import QueryCache, QueryPreparer
 from .scoring import ExactScorer, InfluenceResult, Scorer
 from .source import GradientSource, LayerGrads
 
-__all__ = ["InfluenceEngine", "topk_influencers"]
+__all__ = ["InfluenceEngine", "default_engine", "default_index", "topk_influencers"]
 
 
 class InfluenceEngine:
@@ -293,12 +293,33 @@ def default_engine(cache_dir: str | os.PathLike | None = None) -> InfluenceEngin
     return _DEFAULT_ENGINE
 
 
+def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir or os.environ.get("FASTINF_CACHE", ".fastinf_cache"))
+
+
+def default_index(
+    engine: InfluenceEngine | None = None, cache_dir: str | os.PathLike | None = None
+) -> TrainingIndex:
+    """Load the index of the embedded default into `engine` (default: `default_engine()`),
+    building it on first use (about 1.5 min on a 2-core CPU) in `cache_dir`/index_digits.
+
+    The folder is fastinf's cache: an index there built for other settings, or damaged,
+    is rebuilt (`build_index(overwrite=True)` removes only the index's own files).
+    """
+    engine = engine or default_engine(cache_dir)
+    directory = _cache_dir(cache_dir) / "index_digits"
+    try:
+        return engine.build_index(directory)  # a finished index is only checked and loaded
+    except (ArtifactCorruptError, ArtifactMismatchError):
+        return engine.build_index(directory, overwrite=True)
+
+
 def _load_default(cache_dir: str | os.PathLike | None) -> InfluenceEngine:
     from .data import load_digits_dataset
     from .models import default_schedule, load_digits_model
 
     engine = InfluenceEngine(load_digits_model(), default_schedule(), load_digits_dataset())
-    directory = Path(cache_dir or os.environ.get("FASTINF_CACHE", ".fastinf_cache")) / "digits"
+    directory = _cache_dir(cache_dir) / "digits"
     try:
         engine.load_curvature(directory)
     except (FileNotFoundError, ArtifactCorruptError, ArtifactMismatchError):
