@@ -1,4 +1,4 @@
-"""Command line: `fastinf train | fit | topk | index | lds | demo` (run `fastinf COMMAND --help`).
+"""Command line: `fastinf train | fit | topk | index | lds | demo | serve` (see `--help`).
 
 Without `--weights`/`--data` every command uses the embedded default (the shipped digits
 DDPM and scikit-learn's digits). Tensor files may be .safetensors (keys `images`, optional
@@ -22,6 +22,7 @@ from pathlib import Path
 from .config import DIGITS_STEPS, STRATEGY_NAMES, CurvatureConfig, ScoreConfig
 from .index.config import COMPRESSIONS, RANKINGS, SEARCHES, STORAGES, IndexConfig
 from .locks import writer_lock
+from .service.config import ServiceConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -299,6 +300,32 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .engine import default_engine, default_index
+    from .service import create_app, serve
+
+    config = ServiceConfig(**{name: getattr(args, name) for name in SERVICE_OPTIONS})
+    changes = {name: getattr(args, name) for name in SCORE_OPTIONS}
+    if args.curvature is None:  # the embedded default: its cached curvature and index
+        engine = default_engine().with_config(**changes)
+        if not args.no_index and args.index is None:
+            print("loading the default index (built on first use, ~1.5 min)", flush=True)
+            default_index(engine)
+    else:
+        engine = _engine(args, _score_config(args))
+        engine.load_curvature(args.curvature)
+    if args.index:
+        engine.load_index(args.index)
+    scoring = "exact scoring" if engine.index is None else f"index {engine.index.store.directory}"
+    print(
+        f"fastinf serve: {len(engine.train_set):,} training examples, {scoring}; "
+        f"http://{args.host}:{args.port}/ (Ctrl-C stops)",
+        flush=True,
+    )
+    serve(create_app(engine, config), args.host, args.port)
+    return 0
+
+
 def _lds_methods(names: str, damping: float, damping_mode: str, train_draws: int, query_draws: int):
     from .lds import Method
 
@@ -416,6 +443,20 @@ SCORE_OPTIONS = {
     "damping": dict(type=nonnegative_float),
     "damping_mode": dict(choices=["absolute", "relative"]),
     "block_size": dict(type=positive_int),
+}
+
+
+SERVICE_OPTIONS = {
+    "default_k": dict(type=positive_int),
+    "k_max": dict(type=positive_int),
+    "max_batch": dict(type=positive_int),
+    "batch_window_ms": dict(type=nonnegative_float),
+    "max_queue": dict(type=positive_int),
+    "timeout_s": dict(type=nonnegative_float),
+    "max_body_bytes": dict(type=positive_int),
+    "exact_rerank": dict(type=nonnegative_int),
+    "thumbnail_scale": dict(type=positive_int),
+    "generate_steps": dict(type=positive_int),
 }
 
 
@@ -627,6 +668,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--k", type=positive_int, default=6, help="proponents and opponents shown")
     demo.add_argument("--seed", type=int, default=0, help="sampling seed")
     demo.set_defaults(run=_cmd_demo)
+
+    serve = _command(
+        commands,
+        "serve",
+        "serve topk_influencers over HTTP (JSON API, web page at /, /metrics); with no "
+        "arguments, the digits default with its index",
+        "fastinf serve --port 8000   # then open http://127.0.0.1:8000/",
+    )
+    _add_model_args(serve)
+    serve.add_argument(
+        "--curvature", help="folder written by `fastinf fit` (needed with --weights/--data)"
+    )
+    which = serve.add_mutually_exclusive_group()
+    which.add_argument("--index", help="search this index (`fastinf index`)")
+    which.add_argument(
+        "--no-index",
+        action="store_true",
+        help="score every training image exactly (the default's index is otherwise used)",
+    )
+    _add_config_args(serve, ScoreConfig, SCORE_OPTIONS, SCORE_OPTIONS)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (another exposes the service)"
+    )
+    serve.add_argument("--port", type=nonnegative_int, default=8000, help="port to listen on")
+    _add_config_args(serve, ServiceConfig, SERVICE_OPTIONS, SERVICE_OPTIONS)
+    serve.set_defaults(run=_cmd_serve)
     return parser
 
 
@@ -711,6 +778,18 @@ def check_arguments(args: argparse.Namespace) -> None:
                 if getattr(args, option) is not None:
                     flag = "--" + option.replace("_", "-")
                     raise ValueError(f"{flag} needs --index (it re-ranks an index's candidates).")
+    if command == "serve":
+        if (args.weights or args.data) and args.curvature is None:
+            raise ValueError(
+                "--weights/--data need --curvature (fit one with `fastinf fit --weights ... "
+                "--data ... --out DIR`)."
+            )
+        if args.index:
+            _existing_artifact(args.index, "--index", "index.json", "fastinf index")
+        if args.timeout_s <= 0:
+            raise ValueError("--timeout-s must be > 0.")
+        if args.default_k > args.k_max:
+            raise ValueError(f"--default-k {args.default_k} exceeds --k-max {args.k_max}.")
     if command == "lds":
         unknown = sorted(
             {m.strip() for m in args.methods.split(",") if m.strip()} - set(LDS_METHODS)
@@ -726,6 +805,7 @@ INTERRUPTED = {
     "index": "finished shards were kept; the same command resumes the build",
     "lds": "finished models and scores were kept in --run-dir; the same command resumes",
     "demo": "nothing was written; the same command starts the demo again",
+    "serve": "the server stopped",
 }
 
 

@@ -1,6 +1,22 @@
-"""`fastinf serve`: the engine over HTTP (`app.create_app`), with micro-batching
-(`batcher`), request checks (`inputs`) and a web page (`static/index.html`)."""
+"""`fastinf serve`: the engine over HTTP.
 
-from .app import Service, ServiceConfig, create_app, serve
+    from fastinf.service import create_app, serve
+    serve(create_app(engine))          # or `fastinf serve` on the command line
 
-__all__ = ["Service", "ServiceConfig", "create_app", "serve"]
+Modules: `config` (ServiceConfig), `inputs` (request checks: images, k, cond), `batcher`
+(micro-batching behind a bounded queue), `app` (the routes, metrics and the page in
+`static/index.html`).
+"""
+
+from ..lazy import lazy_exports
+
+# Public name → its module, imported on first use (the parser reads `config` only).
+_EXPORTS = {
+    "Service": "app",
+    "ServiceConfig": "config",
+    "create_app": "app",
+    "serve": "app",
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

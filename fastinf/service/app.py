@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import InfluenceEngine
 from ..imaging import png_bytes
 from .batcher import BatchStats, MicroBatcher, QueueFull
+from .config import ServiceConfig
 from .inputs import (
     BadRequest,
     Query,
@@ -55,51 +56,14 @@ from .inputs import (
     parse_k,
 )
 
-__all__ = ["Service", "ServiceConfig", "create_app", "serve"]
+__all__ = ["Service", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 
+# What a request may say besides its image (JSON fields, form fields or query parameters).
+QUERY_FIELDS = ("k", "cond", "prompt", "exact_rerank")
+MAX_RERANK = 1024
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60)
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """How the service batches, bounds and answers requests."""
-
-    default_k: int = field(default=10, metadata={"help": "k when a request names none"})
-    k_max: int = field(default=100, metadata={"help": "the largest k a request may ask"})
-    max_batch: int = field(default=16, metadata={"help": "queries scored in one engine call"})
-    batch_window_ms: float = field(
-        default=5.0, metadata={"help": "how long a query waits for others to batch with"}
-    )
-    max_queue: int = field(default=64, metadata={"help": "queries waiting before new ones get 503"})
-    timeout_s: float = field(
-        default=300.0,
-        metadata={
-            "help": "seconds a request may wait and run before 504 (scoring every training "
-            "image exactly, without an index, takes about a minute on a 2-core CPU)"
-        },
-    )
-    max_body_bytes: int = field(
-        default=4 << 20, metadata={"help": "largest request body accepted (else 413)"}
-    )
-    exact_rerank: int | None = field(
-        default=None,
-        metadata={"help": "with an index: candidates re-scored exactly (None: the index's own)"},
-    )
-    thumbnail_scale: int = field(default=8, metadata={"help": "thumbnail upscaling factor"})
-    generate_steps: int = field(
-        default=100, metadata={"help": "denoising steps of POST /v1/generate"}
-    )
-
-    def __post_init__(self):
-        for name in ("default_k", "k_max", "max_batch", "max_queue", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ServiceConfig.{name}={getattr(self, name)} must be >= 1.")
-        if not 1 <= self.default_k <= self.k_max:
-            raise ValueError(f"default_k={self.default_k} must be in 1..k_max={self.k_max}.")
-        if self.batch_window_ms < 0 or self.timeout_s <= 0:
-            raise ValueError("batch_window_ms must be >= 0 and timeout_s > 0.")
 
 
 @dataclass
@@ -182,11 +146,11 @@ class Service:
         """A `Query` from a JSON body: image (base64 PNG/JPEG or nested list), k, cond."""
         if not isinstance(payload, dict):
             raise BadRequest("the JSON body must be an object with an 'image' field.", 400)
-        unknown = set(payload) - {"image", "k", "cond", "prompt", "resize"}
+        unknown = set(payload) - {"image", *QUERY_FIELDS, "resize"}
         if unknown:
             raise BadRequest(
-                f"unknown fields {sorted(unknown)}; send 'image', and optionally 'k', 'cond', "
-                "'resize'."
+                f"unknown fields {sorted(unknown)}; send 'image', and optionally "
+                f"{', '.join(repr(name) for name in (*QUERY_FIELDS, 'resize'))}."
             )
         if "image" not in payload:
             raise BadRequest("the JSON body has no 'image'; send base64 PNG or a nested list.")
@@ -198,9 +162,7 @@ class Service:
                 tensor = decode_base64(image, self.engine.sample_shape, resize=resize)
             else:
                 tensor = decode_array(image, self.engine.sample_shape)
-        return self._query(
-            tensor, payload.get("k"), payload.get("cond"), payload.get("prompt"), caught
-        )
+        return self._query(tensor, payload, caught)
 
     def query_from_image(self, data: bytes, params) -> Query:
         """A `Query` from uploaded PNG/JPEG bytes and form/query parameters."""
@@ -208,12 +170,12 @@ class Service:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tensor = decode_image_bytes(data, self.engine.sample_shape, resize=resize)
-        return self._query(
-            tensor, params.get("k"), params.get("cond"), params.get("prompt"), caught
-        )
+        return self._query(tensor, params, caught)
 
-    def _query(self, image, k, cond, prompt, caught) -> Query:
-        if prompt is not None:
+    def _query(self, image, fields, caught) -> Query:
+        """The checked `Query` of an image and the request's fields (`QUERY_FIELDS`)."""
+        k, cond, rerank = fields.get("k"), fields.get("cond"), fields.get("exact_rerank")
+        if fields.get("prompt") is not None:
             raise BadRequest(
                 "'prompt' was given but this model is not text-conditional; drop it (or serve a "
                 "text-to-image pipeline)."
@@ -225,45 +187,53 @@ class Service:
                 f"the model is class-conditional; send 'cond', a label from 0 to "
                 f"{self.num_classes - 1}."
             )
-        return Query(image, label, k, [str(w.message) for w in caught])
+        if rerank is not None:
+            if self.engine.index is None:
+                raise BadRequest("'exact_rerank' needs an index; this service scores exactly.")
+            rerank = parse_k(rerank, MAX_RERANK, name="exact_rerank", low=0)
+        return Query(image, label, k, [str(w.message) for w in caught], rerank)
 
     def submit(self, query: Query):
         """Queue a checked query; its future resolves to the answer dict."""
         return self.batcher.submit(_Job(query, time.perf_counter()))
 
     def _score_batch(self, jobs: list[_Job]) -> list:
-        """The batcher's handler: one engine call per (k, conditional) group."""
+        """The batcher's handler: one engine call per group of queries that ask the same
+        (k, re-rank budget, with or without a label)."""
         answers: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for position, job in enumerate(jobs):
-            groups.setdefault((job.query.k, job.query.cond is None), []).append(position)
-        for (k, _), positions in groups.items():
+            query = job.query
+            groups.setdefault((query.k, query.rerank, query.cond is None), []).append(position)
+        for positions in groups.values():
             group = [jobs[p] for p in positions]
             try:
-                results = self._score_group(group, k)
+                results = self._score_group(group)
             except ValueError as error:
                 # One bad query must not fail the others: score them one by one.
                 alone = [BadRequest(str(error))] if len(group) == 1 else None
-                results = alone or [self._score_alone(job, k) for job in group]
+                results = alone or [self._score_alone(job) for job in group]
             for position, result in zip(positions, results, strict=True):
                 answers[position] = result
         return answers
 
-    def _score_alone(self, job: _Job, k: int):
+    def _score_alone(self, job: _Job):
         try:
-            return self._score_group([job], k)[0]
+            return self._score_group([job])[0]
         except ValueError as error:
             return BadRequest(str(error))
 
-    def _score_group(self, jobs: list[_Job], k: int) -> list[dict]:
+    def _score_group(self, jobs: list[_Job]) -> list[dict]:
         started = time.perf_counter()
+        k, rerank = jobs[0].query.k, jobs[0].query.rerank
         images = torch.stack([job.query.image for job in jobs])
         cond = None
         if jobs[0].query.cond is not None:
             cond = torch.tensor([job.query.cond for job in jobs], dtype=torch.int64)
         engine = self.engine
         scorer = "index" if engine.index is not None else "exact"
-        kwargs = {"exact_rerank": self.config.exact_rerank} if scorer == "index" else {}
+        rerank = self.config.exact_rerank if rerank is None else rerank
+        kwargs = {"exact_rerank": rerank} if scorer == "index" else {}
         result = engine.score(images.to(engine.dtype), k, cond=cond, **kwargs)
         score_ms = (time.perf_counter() - started) * 1000
         answers = []

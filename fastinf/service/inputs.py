@@ -46,13 +46,14 @@ class BadRequest(ValueError):
 
 @dataclass
 class Query:
-    """One checked query: the image [C, H, W] in the model's range, its label, k, and
-    the warnings its checks raised (e.g. pixels that look unscaled)."""
+    """One checked query: the image [C, H, W] in the model's range, its label, k, the
+    warnings its checks raised (e.g. pixels that look unscaled) and its re-rank budget."""
 
     image: Tensor
     cond: int | None
     k: int
     warnings: list[str] = field(default_factory=list)
+    rerank: int | None = None  # with an index: candidates that may be re-scored exactly
 
 
 def _checked(image: Tensor, sample_shape: tuple[int, int, int], what: str) -> Tensor:
@@ -168,11 +169,11 @@ def _as_int(value) -> int | None:
     return None
 
 
-def parse_k(value, k_max: int) -> int:
-    """k from a request: an integer in 1..k_max."""
+def parse_k(value, k_max: int, *, name: str = "k", low: int = 1) -> int:
+    """k (or another count `name`) from a request: an integer in low..k_max."""
     k = _as_int(value)
-    if k is None or not 1 <= k <= k_max:
-        raise BadRequest(f"k={value!r} must be an integer from 1 to {k_max}.")
+    if k is None or not low <= k <= k_max:
+        raise BadRequest(f"{name}={value!r} must be an integer from {low} to {k_max}.")
     return k
 
 
