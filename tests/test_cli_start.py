@@ -4,11 +4,8 @@ neither torch, diffusers, faiss nor scikit-learn, and are refused before any wor
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,26 +13,9 @@ import pytest
 from fastinf.cli import build_parser
 from fastinf.config import STRATEGY_NAMES
 
-HEAVY = ("torch", "diffusers", "faiss", "sklearn")
-PROBE = f"""
-import sys
-from fastinf.cli import main
-try:
-    code = main(sys.argv[1:])
-except SystemExit as stop:
-    code = stop.code
-loaded = [name for name in {HEAVY!r} if name in sys.modules]
-print("LOADED", loaded, "CODE", code, file=sys.stderr)
-"""
+from tiny import run_cli
+
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def run_cli(*args: str) -> tuple[int, str, list[str]]:
-    """(exit code, stderr without the probe's line, heavy modules imported)."""
-    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True)
-    *lines, probe = done.stderr.strip().splitlines()
-    loaded = re.search(r"LOADED (\[.*\]) CODE", probe).group(1)
-    return int(probe.rsplit(" ", 1)[1]), "\n".join(lines), ast.literal_eval(loaded)
 
 
 def tree_digest(folder: Path) -> str:

@@ -4,14 +4,10 @@ whose rows show exactly the result's queries, proponents and opponents, with esc
 
 from __future__ import annotations
 
-import ast
 import base64
 import dataclasses
 import io
 import json
-import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -30,7 +26,7 @@ from fastinf.imaging import data_uri, png_bytes, to_pil
 from fastinf.models import save_unet
 from fastinf.report import format_score, render_report, write_report
 
-from tiny import SMALL_SCORE, TinyConvEps, random_dataset, tiny_unet, undocumented
+from tiny import SMALL_SCORE, TinyConvEps, random_dataset, run_cli, tiny_unet, undocumented
 
 PNG_PREFIX = "data:image/png;base64,"
 SHAPE = (3, 7, 5)  # RGB, and height ≠ width so that a swapped size fails
@@ -294,15 +290,6 @@ def test_topk_html_writes_the_gallery_of_the_json_it_writes(tmp_path, capsys):
     assert "curv" in "".join(page.text) and "6 images" in "".join(page.text)
 
 
-PROBE = """
-import sys
-from fastinf.cli import main
-code = main(sys.argv[1:])
-print("LOADED", [name for name in ("torch", "diffusers") if name in sys.modules], file=sys.stderr)
-sys.exit(code)
-"""
-
-
 @pytest.mark.parametrize(
     ("html", "message"),
     [
@@ -318,8 +305,7 @@ def test_a_bad_html_path_is_refused_in_one_line_before_any_work(tmp_path, html, 
     path = str(tmp_path / html)
     args = ["topk", "--curvature", str(tmp_path / "curvature"), "--generate", "2"]
     args += ["--out", str(tmp_path / "top.html"), "--html", path]
-    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True)
-    *lines, probe = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and lines == [f"fastinf topk: error: {message.format(path)}"]
-    assert ast.literal_eval(re.search(r"LOADED (\[.*\])", probe).group(1)) == []
+    code, error, loaded = run_cli(*args)
+    assert code == 2 and error.splitlines() == [f"fastinf topk: error: {message.format(path)}"]
+    assert loaded == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curvature", "folder.html"]

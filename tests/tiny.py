@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
+import re
+import subprocess
+import sys
 
 import torch
 from diffusers import UNet2DModel
@@ -118,3 +122,25 @@ def undocumented(module) -> list[str]:
         if not documented:
             missing.append(name)
     return missing
+
+
+# The command line run in a fresh interpreter that reports which heavy modules it imported.
+HEAVY = ("torch", "diffusers", "faiss", "sklearn")
+PROBE = f"""
+import sys
+from fastinf.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as stop:
+    code = stop.code
+loaded = [name for name in {HEAVY!r} if name in sys.modules]
+print("LOADED", loaded, "CODE", code, file=sys.stderr)
+"""
+
+
+def run_cli(*args: str) -> tuple[int, str, list[str]]:
+    """(exit code, stderr without the probe's line, heavy modules imported)."""
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True)
+    *lines, probe = done.stderr.strip().splitlines()
+    loaded = re.search(r"LOADED (\[.*\]) CODE", probe).group(1)
+    return int(probe.rsplit(" ", 1)[1]), "\n".join(lines), ast.literal_eval(loaded)
