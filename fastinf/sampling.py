@@ -106,7 +106,7 @@ def sample_ddpm(
             generators = _sample_generators(seed, indices)
             batch_labels = None if labels is None else labels[start : indices.stop].to(device)
             x_t = torch.cat([torch.randn((1, *shape), generator=gen) for gen in generators])
-            x_t = x_t.to(device)
+            x_t = x_t.to(device, next(model.parameters()).dtype)
             for timestep in scheduler.timesteps:
                 timesteps = torch.full(
                     (len(indices),), int(timestep), dtype=torch.int64, device=device

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Source folder → the import path its packages ship under (pyproject: package-dir).
 PACKAGE_ROOTS = {"fastinf": "fastinf", "kernels": "fastinf/kernels"}
 WEIGHTS = Path("fastinf") / "weights"
+STATIC = Path("fastinf") / "service" / "static"
 # Top-level entries that are not part of a build; copying them would only slow it down or
 # leak stale files (build/, *.egg-info) into it.
 UNBUILT = (
@@ -42,7 +43,8 @@ def unbuilt(folder: str, names: list[str]) -> set[str]:
 
 def expected_members() -> set[str]:
     """Wheel paths of every module of every package (a folder with __init__.py) under the
-    package roots, and of every file of the shipped weights, read from the source tree."""
+    package roots, and of every file of the shipped weights and the service's page, read
+    from the source tree."""
     members = set()
     for source, target in PACKAGE_ROOTS.items():
         for folder, subfolders, files in os.walk(ROOT / source):
@@ -55,9 +57,10 @@ def expected_members() -> set[str]:
                 for name in files
                 if name.endswith(".py")
             }
-    members |= {
-        path.relative_to(ROOT).as_posix() for path in (ROOT / WEIGHTS).iterdir() if path.is_file()
-    }
+    for data in (WEIGHTS, STATIC):
+        members |= {
+            path.relative_to(ROOT).as_posix() for path in (ROOT / data).iterdir() if path.is_file()
+        }
     return members
 
 
