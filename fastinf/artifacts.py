@@ -96,7 +96,9 @@ def dataset_fingerprint(dataset: Dataset, verify: str | None = None) -> str:
 
     Each item (a tensor, or a tuple/list of tensors, numbers or None) is hashed by shape,
     dtype and raw bytes as it is read, one at a time, so the fingerprint depends on the
-    items alone, not on the Dataset object that serves them.
+    items alone, not on the Dataset object that serves them — except for a dataset with
+    its own `fingerprint(verify)` method (image files, tar shards: `fastinf.shards`), which
+    hashes its stored bytes and file index instead of decoding every image.
 
     Args:
         dataset: a map-style Dataset.
@@ -113,6 +115,9 @@ def dataset_fingerprint(dataset: Dataset, verify: str | None = None) -> str:
         verify = "full" if size <= FULL_VERIFY_LIMIT else "sample"
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify={verify!r} is not one of {VERIFY_MODES}; or None for auto.")
+    own = getattr(dataset, "fingerprint", None)
+    if callable(own):  # stored files: their bytes and index, without decoding
+        return own(verify)
     if verify == "full":
         positions = range(size)
     else:

@@ -8,6 +8,7 @@ DDPM and scikit-learn's digits). Tensor files may be .safetensors (keys `images`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,7 +21,15 @@ from pathlib import Path
 # Only light modules at the top: parsing, `--help` and every argument or path error answer
 # without importing torch, diffusers, faiss or scikit-learn (each command imports its own).
 from .config import DIGITS_STEPS, STRATEGY_NAMES, CurvatureConfig, ScoreConfig
-from .index.config import COMPRESSIONS, RANKINGS, SEARCHES, STORAGES, IndexConfig
+from .index.config import (
+    COMPRESSIONS,
+    FIRST_STAGE_PROJECTIONS,
+    FIRST_STAGE_SEARCHES,
+    RANKINGS,
+    SEARCHES,
+    STORAGES,
+    IndexConfig,
+)
 from .locks import writer_lock
 from .service.config import ServiceConfig
 
@@ -92,9 +101,32 @@ def _engine(args, config: ScoreConfig | None = None):
         schedule = schedule_from_sidecar(load_sidecar(args.weights))
     else:
         model, schedule = load_digits_model(), default_schedule()
-    if args.data:
+    if args.data and Path(args.data).suffix in TENSOR_SUFFIXES:
         images, labels = load_tensors(args.data)
         data = ImageTensorDataset(images, labels)
+    elif args.data:  # an image folder or tar shards, read item by item at the model's shape
+        from .models import resolve_sample_shape
+        from .shards import TarShardDataset, open_image_data
+
+        data = open_image_data(args.data, resolve_sample_shape(model))
+        # The fingerprint hashes stored bytes without decoding: decode a spread of images
+        # now, so a broken file is named before long work rather than in the middle of it.
+        data.check(count=256)
+        # Ranks read only their own tar shards when index shards cover whole data shards.
+        per_shard = getattr(data, "shard_size", None)
+        distributed = args.command == "index" and int(os.environ.get("WORLD_SIZE", 1)) > 1
+        if (
+            distributed
+            and isinstance(data, TarShardDataset)
+            and (per_shard is None or args.shard_size % per_shard)
+        ):
+            print(
+                f"fastinf index: note: --shard-size {args.shard_size} is not a multiple of the "
+                f"{per_shard or 'unequal numbers of'} examples per tar shard of {args.data}, so "
+                "ranks also read shards of other ranks; pass a multiple of the tar shard size "
+                "to keep each rank to its own shards.",
+                file=sys.stderr,
+            )
     else:
         data = load_digits_dataset()
     return InfluenceEngine(model, schedule, data, config=config, verify=args.verify)
@@ -106,7 +138,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data",
-        help="training images: .safetensors (`images`, optional `labels`), .pt or .npy "
+        help="training images: .safetensors (`images`, optional `labels`), .pt or .npy; an "
+        "image folder (DIR/<class>/*.png for labels, or the images in DIR); or webdataset tar "
+        "shards (KEY.png/.jpg, optional KEY.cls label), as a folder of .tar files or a pattern "
+        "such as 'data/shard-{000000..000099}.tar', streamed at the model's sample shape "
         "(default: scikit-learn digits)",
     )
     parser.add_argument(
@@ -167,6 +202,10 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_fit(args) -> int:
+    from .distributed import init_distributed
+
+    # Under torchrun the ranks share the examples; rank 0 holds the lock and writes.
+    rank, world = init_distributed()
     engine = _engine(args)
     config = CurvatureConfig(
         strategy=args.strategy,
@@ -176,14 +215,28 @@ def _cmd_fit(args) -> int:
         eigval_draws=args.eigval_draws,
         projection_dim=args.projection_dim,
         seed=args.seed,
+        fraction=args.fraction,
+        max_examples=args.max_examples,
+        chunk_examples=args.chunk_examples,
     )
     start = time.perf_counter()
-    with writer_lock(args.out, "fastinf fit"):
-        for name in ("curvature.safetensors", "curvature.json"):  # a killed save's leftovers
-            (Path(args.out) / f"{name}.tmp").unlink(missing_ok=True)
-        engine.fit(config)
-        _save_or_fallback(engine.save_curvature, args.out, "curvature", folder=True)
-    print(f"curvature fitted in {time.perf_counter() - start:.1f}s and saved to {args.out}")
+    with writer_lock(args.out, "fastinf fit") if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            for name in ("curvature.safetensors", "curvature.json"):  # a killed save's leftovers
+                (Path(args.out) / f"{name}.tmp").unlink(missing_ok=True)
+        try:
+            engine.fit(config, checkpoint_dir=args.out)
+        except OSError:
+            if engine.curvature is None or rank != 0:
+                raise
+            # The fit is complete (and kept in --out); only writing the curvature failed.
+            _save_or_fallback(engine.save_curvature, args.out, "curvature", folder=True)
+    if rank == 0:
+        processes = "" if world == 1 else f" by {world} processes"
+        print(
+            f"curvature fitted in {time.perf_counter() - start:.1f}s{processes} and saved to "
+            f"{args.out}"
+        )
     return 0
 
 
@@ -203,14 +256,15 @@ def _report_details(args, num_train: int, num_queries: int, strategy: str, score
 
 
 def _cmd_topk(args) -> int:
+    from .distributed import all_gather_objects, init_distributed
+
+    # Under torchrun the ranks share the work (each scores its share of the training set,
+    # or searches its own index shards) and every rank holds the merged result; rank 0
+    # writes it.
+    rank, world = init_distributed()
     engine = _engine(args, _score_config(args))
     curvature = engine.load_curvature(args.curvature)
-    rank = 0
     if args.index:
-        from .distributed import init_distributed
-
-        # Under torchrun, each rank searches its own shards; rank 0 writes the result.
-        rank, world = init_distributed()
         engine.load_index(args.index, sharded=world > 1)
     if args.queries:
         queries, cond = load_tensors(args.queries)
@@ -221,10 +275,12 @@ def _cmd_topk(args) -> int:
     else:
         from .sampling import sample_ddpm
 
-        queries, cond = (
-            sample_ddpm(engine.model, engine.schedule, args.generate, seed=args.seed),
-            None,
-        )
+        sampled = None
+        if rank == 0:
+            sampled = sample_ddpm(engine.model, engine.schedule, args.generate, seed=args.seed)
+        # Rank 0's samples for all: a query's draws are seeded by its pixels, and nodes
+        # with other CPUs or thread counts may sample other last bits.
+        queries, cond = all_gather_objects(None if sampled is None else sampled.cpu())[0], None
     start = time.perf_counter()
     result = engine.score(
         queries.to(engine.dtype),
@@ -276,6 +332,11 @@ def _cmd_index(args) -> int:
         search=args.search,
         nlist=args.nlist,
         nprobe=args.nprobe,
+        first_stage_dim=args.first_stage_dim,
+        first_stage_projection=args.first_stage_projection,
+        first_stage_fit=args.first_stage_fit,
+        first_stage_search=args.first_stage_search,
+        first_stage_candidates=args.first_stage_candidates,
     )
     start = time.perf_counter()
     engine.build_index(args.out, config, overwrite=args.overwrite, load=False)
@@ -408,6 +469,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def fit_fraction(text: str) -> float:
+    value = float(text)
+    if not (0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _help(cls, name: str) -> str:
     """An option's help: the config field's own help text (one source for API and CLI)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -498,11 +566,18 @@ def build_parser() -> argparse.ArgumentParser:
     fit = _command(
         commands,
         "fit",
-        "fit the curvature (EK-FAC by default) on the training set",
+        "fit the curvature (EK-FAC by default) on the training set; an interrupted fit "
+        "resumes from its progress in --out, and under `torchrun --nproc_per_node=N` the "
+        "ranks share the examples",
         "fastinf fit --out curvature/",
     )
     _add_model_args(fit)
-    fit.add_argument("--out", required=True, help="folder for the curvature artifact")
+    fit.add_argument(
+        "--out",
+        required=True,
+        help="folder for the curvature artifact; while fitting it keeps the progress "
+        "(fit_progress/, deleted when the fit completes) that the same command resumes",
+    )
     fit.add_argument(
         "--strategy",
         choices=list(STRATEGY_NAMES),
@@ -538,13 +613,30 @@ def build_parser() -> argparse.ArgumentParser:
         help=_help(CurvatureConfig, "projection_dim"),
     )
     fit.add_argument("--seed", type=int, default=0, help=_help(CurvatureConfig, "seed"))
+    fit.add_argument(
+        "--fraction", type=fit_fraction, default=None, help=_help(CurvatureConfig, "fraction")
+    )
+    fit.add_argument(
+        "--max-examples",
+        type=positive_int,
+        default=None,
+        help=_help(CurvatureConfig, "max_examples"),
+    )
+    fit.add_argument(
+        "--chunk-examples",
+        type=positive_int,
+        default=CurvatureConfig.chunk_examples,
+        help=_help(CurvatureConfig, "chunk_examples")
+        + "; a resumed fit keeps the chunks it was started with",
+    )
     fit.add_argument("--force", action="store_true", help="replace a curvature already in --out")
     fit.set_defaults(run=_cmd_fit)
 
     topk = _command(
         commands,
         "topk",
-        "top proponents and opponents of query images",
+        "top proponents and opponents of query images; under `torchrun --nproc_per_node=N` "
+        "(or --nnodes) the ranks share the scoring and rank 0 writes",
         "fastinf topk --curvature curvature/ --generate 8 --k 10 --out top.json",
     )
     _add_model_args(topk)
@@ -610,6 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
         "search": dict(choices=list(SEARCHES)),
         "nlist": dict(type=positive_int),
         "nprobe": dict(type=positive_int),
+        "first_stage_dim": dict(type=positive_int),
+        "first_stage_projection": dict(choices=list(FIRST_STAGE_PROJECTIONS)),
+        "first_stage_fit": dict(type=positive_int),
+        "first_stage_search": dict(choices=list(FIRST_STAGE_SEARCHES)),
+        "first_stage_candidates": dict(type=positive_int),
     }
     _add_config_args(index, IndexConfig, options, options)
     index.add_argument(
@@ -705,6 +802,25 @@ def _existing_file(path: str, option: str, suffixes: tuple[str, ...] | None = No
         raise ValueError(f"{option} {path}: use a {', '.join(suffixes)} file.")
 
 
+def _existing_data(path: str) -> None:
+    """`--data` names a tensor file, an image folder, or tar shards that all exist."""
+    from .shard_files import data_layout, shard_paths
+
+    if Path(path).suffix in TENSOR_SUFFIXES:
+        _existing_file(path, "--data", TENSOR_SUFFIXES)
+        return
+    if Path(path).is_file() and not path.endswith(".tar"):
+        raise ValueError(
+            f"--data {path}: use a {', '.join(TENSOR_SUFFIXES)} file, an image folder, a folder "
+            "of .tar shards or a shard pattern such as data/shard-{000000..000099}.tar."
+        )
+    try:
+        if data_layout(path) == "tars":
+            shard_paths(path)
+    except (OSError, ValueError) as error:
+        raise type(error)(f"--data {error}") from None
+
+
 def _existing_artifact(path: str, option: str, marker: str, maker: str) -> None:
     if not (Path(path) / marker).is_file():
         raise FileNotFoundError(f"{option} {path}: no {marker} there; create it with `{maker}`.")
@@ -746,7 +862,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         _existing_file(args.weights, "--weights", (".safetensors",))
         _existing_file(str(Path(args.weights).with_suffix(".json")), "--weights' sidecar")
     if getattr(args, "data", None):
-        _existing_file(args.data, "--data", TENSOR_SUFFIXES)
+        _existing_data(args.data)
     if args.command == "topk" and args.queries:
         _existing_file(args.queries, "--queries", TENSOR_SUFFIXES)
     if getattr(args, "curvature", None):
@@ -800,7 +916,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 INTERRUPTED = {
     "train": "no weights were written",
-    "fit": "nothing was saved (the curvature is written once the fit completes)",
+    "fit": "finished chunks were kept in --out (fit_progress); the same command resumes the fit",
     "topk": "nothing was written",
     "index": "finished shards were kept; the same command resumes the build",
     "lds": "finished models and scores were kept in --run-dir; the same command resumes",

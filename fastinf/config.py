@@ -73,9 +73,34 @@ class CurvatureConfig:
             "'loss' (TRAK) or 'square_norm' (D-TRAK); `factor_draws` draws per example"
         },
     )
-    seed: int = field(default=0, metadata={"help": "seed of the fitting draws"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of the fitting draws and of the sampled examples"}
+    )
+    fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "fit on this fraction (0 < f <= 1) of the training examples: a subset "
+            "drawn from `seed`, the same on any number of ranks, nested across fractions "
+            "(None: every example)"
+        },
+    )
+    max_examples: int | None = field(
+        default=None,
+        metadata={
+            "help": "fit on at most this many training examples, drawn like `fraction` "
+            "(None: no limit); with both, the smaller subset"
+        },
+    )
     batch_size: int = field(
         default=256, metadata={"help": "draws per forward/backward pass (speed only)"}
+    )
+    chunk_examples: int = field(
+        default=4096,
+        metadata={
+            "help": "examples per chunk of a fitting pass: ranks sum their chunk's results "
+            "and a checkpointed fit saves its progress after each chunk (speed and resume "
+            "granularity only)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -89,10 +114,30 @@ class CurvatureConfig:
         _check_positive(owner, "factor_draws", self.factor_draws)
         _check_positive(owner, "eigval_draws", self.eigval_draws)
         _check_positive(owner, "batch_size", self.batch_size)
+        if self.fraction is not None and not (
+            isinstance(self.fraction, (int, float))
+            and not isinstance(self.fraction, bool)
+            and 0.0 < self.fraction <= 1.0
+        ):
+            raise ValueError(
+                f"{owner}.fraction={self.fraction!r} must be in (0, 1], or None for every example."
+            )
+        if self.max_examples is not None:
+            _check_positive(owner, "max_examples", self.max_examples)
+        _check_positive(owner, "chunk_examples", self.chunk_examples)
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields that change the fitted curvature."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
+        """The fields that change the fitted curvature (the subset fields only when set, so
+        that a fit of every example keeps the fingerprint it had before they existed)."""
+        return {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in _SPEED_FIELDS and not (k in _SUBSET_FIELDS and v is None)
+        }
+
+
+_SPEED_FIELDS = ("batch_size", "chunk_examples")
+_SUBSET_FIELDS = ("fraction", "max_examples")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,10 @@ from torch import Tensor
 
 __all__ = [
     "all_gather_objects",
+    "all_reduce_sum",
     "barrier",
+    "broadcast_object",
+    "broadcast_tensors",
     "init_distributed",
     "merge_topk",
     "owned",
@@ -40,6 +43,9 @@ def init_distributed() -> tuple[int, int]:
         and not dist.is_initialized()
         and int(os.environ.get("WORLD_SIZE", 1)) > 1
     ):
+        if torch.cuda.is_available():
+            # nccl needs one device per rank: the one torchrun assigned to this process.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         atexit.register(_leave_group)
     return rank_world()
@@ -100,3 +106,65 @@ def merge_topk(scores: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]
     scores, indices = scores.gather(1, by_index), indices.gather(1, by_index)
     by_score = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
     return scores.gather(1, by_score), indices.gather(1, by_score)
+
+
+def _collective_device() -> torch.device:
+    """Where tensors must be for the process group's backend: this rank's GPU under nccl."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _flat_float64(tensors: Sequence[Tensor], what: str) -> Tensor:
+    """The tensors' values in one float64 buffer on the collective device (one collective
+    call, whatever their number and devices)."""
+    wrong = [str(t.dtype) for t in tensors if t.dtype != torch.float64]
+    if wrong:
+        raise TypeError(
+            f"{what} takes float64 tensors (sums are combined without rounding), got {wrong}; "
+            "accumulate in float64."
+        )
+    device = _collective_device()
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
+
+
+def _unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    offset = 0
+    for tensor in tensors:
+        count = tensor.numel()
+        tensor.copy_(flat[offset : offset + count].view(tensor.shape))
+        offset += count
+
+
+def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
+    """Replace each float64 tensor, in place, by its sum over every rank (nothing alone).
+
+    All ranks get the same bits. The tensors may live on any device: they travel in one
+    float64 buffer on the backend's device (CPU for gloo, this rank's GPU for nccl).
+    """
+    if rank_world()[1] == 1:
+        return
+    flat = _flat_float64(tensors, "all_reduce_sum")
+    dist.all_reduce(flat)
+    _unflatten_into(flat, tensors)
+
+
+def broadcast_tensors(tensors: Sequence[Tensor], src: int = 0) -> None:
+    """Overwrite each float64 tensor, in place, with rank `src`'s (nothing alone); every
+    rank passes tensors of the same shapes, in the same order."""
+    if rank_world()[1] == 1:
+        return
+    flat = _flat_float64(tensors, "broadcast_tensors")
+    dist.broadcast(flat, src)
+    _unflatten_into(flat, tensors)
+
+
+def broadcast_object(value, src: int = 0):
+    """Rank `src`'s `value` (any picklable object) on every rank (`value` itself alone)."""
+    if rank_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src)
+    return box[0]

@@ -30,6 +30,7 @@ from .artifacts import ArtifactCorruptError, ArtifactMismatchError
 from .config import CurvatureConfig, ScoreConfig
 from .curvature import Curvature, fit_curvature, load_curvature, require_eigenbasis
 from .curvature.base import NO_CURVATURE
+from .curvature.passes import finish_fit
 from .diffusion import NoiseSchedule
 from .index.build import build_index
 from .index.config import IndexConfig
@@ -95,12 +96,26 @@ class InfluenceEngine:
 
     # -- curvature -------------------------------------------------------------------------
     def fit(
-        self, config: CurvatureConfig | None = None, indices: Sequence[int] | None = None
+        self,
+        config: CurvatureConfig | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> Curvature:
         """Fit the curvature (`CurvatureConfig.strategy`, default EK-FAC) on the training
-        set (or the examples `indices`) and keep it; a loaded index is unloaded."""
-        self.curvature = fit_curvature(self.source, config, indices)
+        set (or the examples `indices`) and keep it; a loaded index is unloaded.
+
+        Under torchrun the ranks share the examples and all keep the same curvature. With
+        `checkpoint_dir`, the fit saves its progress after every chunk of examples in
+        `checkpoint_dir/fit_progress`, and the same call after an interruption resumes it;
+        once complete, the curvature is written to `checkpoint_dir` (`save_curvature`, by
+        rank 0) and the progress deleted. If that write fails (OSError), `self.curvature`
+        holds the fit and the progress is kept.
+        """
+        self.curvature = fit_curvature(self.source, config, indices, checkpoint_dir)
         self.index = None
+        if checkpoint_dir is not None:
+            finish_fit(self.curvature, checkpoint_dir)
         return self.curvature
 
     def save_curvature(self, directory: str | os.PathLike) -> None:

@@ -5,6 +5,11 @@
 all cached queries layer by layer as the backward pass delivers that layer's rows, so no
 per-example gradient of the whole model ever exists in memory. Positive τ: a proponent
 (x_n made the query more likely); negative: an opponent.
+
+Under `torch.distributed` (`torchrun`) a pass over the training set is shared: the
+examples are cut into blocks of `ScoreConfig.block_size` scoring positions, rank r scores
+blocks r, r + W, … (`GradientSource.share`), and the ranks' running top-k lists (or score
+columns) are gathered and merged, so every rank returns what one process would.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .artifacts import check_provenance
+from .artifacts import check_provenance, tensor_fingerprint
 from .curvature.base import NO_CURVATURE
+from .data import validate_indices
+from .distributed import all_gather_objects, merge_topk, rank_world
 from .gradients import BlockConsumer
 from .kernels import empty_topk, score_params, topk_merge
 from .layers import LayerCall
@@ -148,6 +155,14 @@ class ExactScorer:
     `block_size` examples and contracted with every cached query as the backward pass
     delivers each layer; memory is O(block), not O(N). Scores are exact, so the re-rank
     options of `Scorer.topk` have nothing to do here.
+
+    Under an initialised `torch.distributed` process group, `topk` and `score_matrices`
+    are collective: every rank must call them with the same arguments. Each rank prepares
+    the queries itself (cheap, identical) and scores only its share of the blocks; the
+    ranks' top-k lists are merged (ties to the earlier scoring position, as in one
+    process) and score columns gathered, so every rank returns the one-process result.
+    `scores` (a few chosen examples, e.g. a re-rank's candidates) is not shared: a rank may
+    call it alone.
     """
 
     def __init__(self, source: GradientSource, preparer: QueryPreparer | None):
@@ -173,23 +188,31 @@ class ExactScorer:
         """Score every training example (or `indices`) against the queries; keep the top-k.
 
         Returns top-k proponents and opponents per query, and the full [Q, N] score matrix
-        (columns in the order of `indices`, default dataset order) if `return_scores`.
+        (columns in the order of `indices`, default dataset order) if `return_scores`
+        (under torch.distributed, gathered on every rank: O(Q·N) memory each).
         """
         cache = self._require_preparer().prepare(queries, cond)
+        if indices is not None:
+            # Every rank checks them all, so a bad index fails every rank, not one.
+            indices = validate_indices(indices, len(self.source.train_set))
         total = len(self.source.train_set) if indices is None else len(indices)
         k = clip_k(k, total)
         top = empty_topk(cache.num_queries, k, largest=True, dtype=torch.float64)
         bottom = empty_topk(cache.num_queries, k, largest=False, dtype=torch.float64)
-        columns, seen = [], 0
+        columns = []
         spec = self.source.train_spec()
-        for block_scores in self.stream(cache.preconditioned, indices, spec):
+        self._agree([cache], indices, spec, {"k": k, "return_scores": return_scores})
+        for start, block_scores in self._shared_stream(cache.preconditioned, indices, spec):
             # The running top-k holds positions in the scoring order; ties go to the earlier.
-            top = topk_merge(*top, block_scores, seen, largest=True)
-            bottom = topk_merge(*bottom, block_scores, seen, largest=False)
+            top = topk_merge(*top, block_scores, start, largest=True)
+            bottom = topk_merge(*bottom, block_scores, start, largest=False)
             if return_scores:
-                columns.append(block_scores.T.clone())
-            seen += block_scores.shape[0]
-        scores = torch.cat(columns, dim=1) if return_scores else None
+                columns.append((start, block_scores.T.clone()))
+        if rank_world()[1] > 1:
+            top = merge_topk(*top, k)
+            values, positions = merge_topk(-bottom[0], bottom[1], k)
+            bottom = (-values, positions)
+        scores = _gather_columns(columns, cache.num_queries, total) if return_scores else None
         order = (
             torch.arange(total) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
         )
@@ -200,9 +223,14 @@ class ExactScorer:
         return InfluenceResult(proponents, opponents, scores, cache.query_ids)
 
     def scores(self, cache: QueryCache, examples: Sequence[int]) -> Tensor:
-        """τ [Q, len(examples)] float64 of a prepared cache against chosen examples."""
+        """τ [Q, len(examples)] float64 of a prepared cache against chosen examples.
+
+        Computed by this rank alone, even under torch.distributed (not a collective).
+        """
         self._require_preparer().check(cache)
-        return self._matrix(cache.preconditioned, examples, self.source.train_spec())
+        spec = self.source.train_spec()
+        blocks = self.stream(cache.preconditioned, examples, spec)
+        return torch.cat([block.T for block in blocks], dim=1)
 
     def score_matrices(
         self,
@@ -220,26 +248,95 @@ class ExactScorer:
         them. Train gradients are the mean over draws `draw_offset .. draw_offset +
         num_draws - 1` (default: the configured K from 0), so disjoint draw ranges can be
         scored separately and averaged, weighted by their draw counts, into any K.
+        Under torch.distributed the pass is shared and the matrices gathered on every rank.
         """
         provenance = self.source.provenance
         for cache in caches:
             meta = {key: cache.meta.get(key) for key in provenance}
             check_provenance("query cache", meta, provenance)
+        if indices is not None:
+            indices = validate_indices(indices, len(self.source.train_set))
         joined = stack_layers([cache.preconditioned for cache in caches])
         spec = self.source.train_spec(draw_offset, num_draws)
-        matrix = self._matrix(joined, indices, spec)
+        total = len(self.source.train_set) if indices is None else len(indices)
+        self._agree(caches, indices, spec, {})
+        columns = [(start, block.T) for start, block in self._shared_stream(joined, indices, spec)]
+        matrix = _gather_columns(columns, sum(cache.num_queries for cache in caches), total)
         return list(matrix.split([cache.num_queries for cache in caches]))
 
-    def _matrix(self, preconditioned: LayerGrads, indices, spec) -> Tensor:
-        return torch.cat([block.T for block in self.stream(preconditioned, indices, spec)], dim=1)
+    def _agree(
+        self, caches: list[QueryCache], indices: list[int] | None, spec, options: dict
+    ) -> None:
+        """Under torch.distributed, fail on every rank unless all ranks are about to score
+        the same queries against the same examples: ranks that differ (another file on one
+        node, another option) would merge into a wrong answer, or wait for each other forever.
+        """
+        world = rank_world()[1]
+        if world == 1:
+            return
+        chosen = None if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+        facts = {
+            "queries": [cache.query_ids.tolist() for cache in caches],
+            "model, training set, curvature and query options": [cache.meta for cache in caches],
+            "examples scored": None if chosen is None else tensor_fingerprint(chosen),
+            "train draws": spec,
+            "block_size": self.source.config.block_size,
+            **options,
+        }
+        views = all_gather_objects(facts)
+        differing = [key for key in facts if any(view[key] != views[0][key] for view in views)]
+        if differing:
+            raise ValueError(
+                f"the {world} ranks disagree on {'; '.join(differing)}: under torch.distributed "
+                "every rank must make the same scoring call. Run the same command with the same "
+                "weights, data, curvature and queries on every node."
+            )
+
+    def _shared_stream(
+        self, preconditioned: LayerGrads, indices: list[int] | None, spec
+    ) -> Iterator[tuple[int, Tensor]]:
+        """(first scoring position, [B, Q] scores) of each block this rank scores.
+
+        Scoring positions 0..total-1 (into `indices`, default the dataset) are cut into
+        blocks of `block_size`; this rank takes its share of the blocks
+        (`GradientSource.share`), in one stream so that data loading runs ahead.
+        """
+        total = len(self.source.train_set) if indices is None else len(indices)
+        size = self.source.config.block_size
+        blocks = range(0, total, size)
+        starts = self.source.share(blocks)
+        if len(starts) == len(blocks):
+            chosen = indices
+        else:
+            order = range(total) if indices is None else indices
+            chosen = [order[p] for start in starts for p in range(start, min(start + size, total))]
+            if not chosen:
+                return
+        rank, world = rank_world()
+        desc = "score train" if world == 1 else f"score train [rank {rank}/{world}]"
+        stream = self.stream(preconditioned, chosen, spec, desc=desc)
+        yield from zip(starts, stream, strict=True)
 
     def stream(
-        self, preconditioned: LayerGrads, indices: Sequence[int] | None, spec
+        self,
+        preconditioned: LayerGrads,
+        indices: Sequence[int] | None,
+        spec,
+        *,
+        desc: str = "score train",
     ) -> Iterator[Tensor]:
-        """Yield the [B, Q] float64 scores of each block of training examples, in order."""
+        """Yield the [B, Q] float64 scores of each block of training examples, in order
+        (every example, or `indices`, by this process alone)."""
         accumulator = ScoreAccumulator(self.source.layers, preconditioned)
         source = self.source
-        for _ in source.stream(
-            accumulator, source.objective(), spec, indices=indices, desc="score train"
-        ):
+        for _ in source.stream(accumulator, source.objective(), spec, indices=indices, desc=desc):
             yield accumulator.scores
+
+
+def _gather_columns(columns: list[tuple[int, Tensor]], num_queries: int, total: int) -> Tensor:
+    """Every rank's (first scoring position, [Q, B] columns) → the [Q, total] matrix."""
+    matrix = torch.empty(num_queries, total, dtype=torch.float64)
+    for part in all_gather_objects(columns):
+        for start, block in part:
+            matrix[:, start : start + block.shape[1]] = block
+    return matrix

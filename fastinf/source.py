@@ -272,34 +272,42 @@ class GradientSource:
         config: CurvatureConfig,
         purpose: int,
         num_draws: int,
+        chunks: Sequence[Sequence[int]],
         *,
-        indices: Sequence[int] | None = None,
         desc: str,
-    ) -> int:
-        """Back-propagate the GGN seeds (`backprop_curvature_seed`) of every example ×
-        `num_draws` draws into `consumer`, in passes of ≤ `config.batch_size` items.
+    ) -> Iterator[int]:
+        """Back-propagate the GGN seeds (`backprop_curvature_seed`) of every example of
+        `chunks` (lists of dataset ids) × `num_draws` draws into `consumer`, in passes of
+        ≤ `config.batch_size` items, chunk by chunk.
 
-        Returns the number of draws (examples × `num_draws`).
+        Yields each chunk's number of draws (examples × `num_draws`) once `consumer` holds
+        the chunk, so that the caller can combine or save it before the next one starts.
+        Draw d of example n is seeded by (seed, purpose, n, d): it is the same whichever
+        chunk, block or rank runs the example.
         """
         per_item = (
             math.prod(self.sample_shape) if (config.mc, config.ggn) == ("exact", "model") else 1
         )
         examples_per_block = max(1, config.batch_size // (per_item * num_draws))
-        total = len(self.train_set) if indices is None else len(indices)
-        draws = 0
         spec = DrawSpec(purpose, num_draws, config.seed)
         with (
             eval_mode(self.model),
             capture_layers(self.layers, consumer) as capture,
-            progress_bar(total, desc) as bar,
+            progress_bar(sum(len(chunk) for chunk in chunks), desc) as bar,
         ):
-            for block in self.train_blocks(indices, examples_per_block):
-                backprop_curvature_seed(
-                    capture, self.model, self.schedule, block, spec, ggn=config.ggn, mc=config.mc
-                )
-                draws += block.ids.numel() * num_draws
-                bar.update(block.ids.numel())
-        return draws
+            for chunk in chunks:
+                for block in self.train_blocks(chunk, examples_per_block):
+                    backprop_curvature_seed(
+                        capture,
+                        self.model,
+                        self.schedule,
+                        block,
+                        spec,
+                        ggn=config.ggn,
+                        mc=config.mc,
+                    )
+                    bar.update(block.ids.numel())
+                yield len(chunk) * num_draws
 
 
 def _content_id(image: Tensor, label: int | None) -> int:

@@ -1,7 +1,11 @@
 """Curvature strategies: approximations G of the GGN that precondition query gradients.
 
-Each strategy is a module with `fit(source, config, indices) -> Curvature`, registered in
-`STRATEGIES` with the loader of what it saves; none imports another.
+Each strategy is a module with `fit(source, config, passes) -> Curvature`, registered in
+`STRATEGIES` with the loader of what it saves; none imports another. `passes`
+(`passes.FitPasses`) says which examples the fit goes through and runs each of its passes
+in fixed chunks: shared by torch.distributed ranks, all-reduced in float64 and, with a
+checkpoint folder, saved after every chunk so that an interrupted fit resumes
+(`checkpoint.FitProgress`). None: every example, one process's view, no checkpoints.
 
 | strategy   | fitted object         | eigenbasis | what it is                                    |
 |------------|-----------------------|------------|-----------------------------------------------|
@@ -32,6 +36,7 @@ from .base import (
     require_eigenbasis,
 )
 from .kfac import as_kfac
+from .passes import FitPasses, open_passes
 from .trak import SketchedCurvature
 
 __all__ = [
@@ -53,7 +58,7 @@ __all__ = [
 class Strategy:
     """How to fit a strategy's curvature, and how to rebuild it from a saved artifact."""
 
-    fit: Callable[[GradientSource, CurvatureConfig, Sequence[int] | None], Curvature]
+    fit: Callable[[GradientSource, CurvatureConfig, FitPasses | None], Curvature]
     load: Callable[[dict, dict, CurvatureConfig, dict[str, LayerInfo]], Curvature]
 
 
@@ -69,14 +74,22 @@ def fit_curvature(
     source: GradientSource,
     config: CurvatureConfig | None = None,
     indices: Sequence[int] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> Curvature:
-    """Fit `config.strategy` on the source's training set (or `indices`), model in eval mode.
+    """Fit `config.strategy` on the source's training set (or `indices`; or the subset
+    `config.fraction` / `max_examples` draw from them), model in eval mode.
+
+    Under torch.distributed every rank runs its share of the examples and returns the same
+    curvature. With `checkpoint_dir`, rank 0 saves the passes' sums after every chunk of
+    `config.chunk_examples` examples in `checkpoint_dir/fit_progress` and resumes from there
+    (the progress of another fit there is an `ArtifactMismatchError`); the progress is kept
+    afterwards (`passes.finish_fit` writes the curvature and deletes it).
 
     Returns the strategy's `Curvature` on the model's device.
     """
     config = config or CurvatureConfig()
-    with eval_mode(source.model):
-        return STRATEGIES[config.strategy].fit(source, config, indices)
+    with eval_mode(source.model), open_passes(source, config, indices, checkpoint_dir) as passes:
+        return STRATEGIES[config.strategy].fit(source, config, passes)
 
 
 def load_curvature(

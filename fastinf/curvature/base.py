@@ -89,7 +89,8 @@ class Curvature(ABC):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write `curvature.safetensors` + `curvature.json` into `directory`."""
-        meta = {"config": self.config.fingerprint() | {"batch_size": self.config.batch_size}}
+        speed = {"batch_size": self.config.batch_size, "chunk_examples": self.config.chunk_examples}
+        meta = {"config": self.config.fingerprint() | speed}
         meta |= {"provenance": self.provenance, "layers": self.layer_names()}
         save_artifact(directory, ARTIFACT, self.tensors(), meta)
 

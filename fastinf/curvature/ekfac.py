@@ -5,9 +5,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+from torch import Tensor
 
 from ..config import CurvatureConfig
 from ..diffusion import Purpose
@@ -16,6 +15,7 @@ from ..layers import LayerCall, LayerInfo
 from ..source import GradientSource
 from .base import EigenbasisCurvature, LayerCurvature
 from .factors import check_finite, fit_factors, upcast
+from .passes import FitPasses
 
 __all__ = ["fit"]
 
@@ -44,21 +44,28 @@ class _EigvalSums:
         if self.layers[name].has_bias:
             self.bias[name] += (grad.sum(1) @ eigvecs_grad).double().square().sum(0)
 
+    def state(self) -> dict[str, Tensor]:
+        """Every sum, by key (the tensors themselves: `FitPasses.run` reduces them)."""
+        parts = {"weight": self.weight, "bias": self.bias}
+        return {f"{n}::{part}": sums[n] for part, sums in parts.items() for n in self.weight}
+
 
 def fit(
-    source: GradientSource, config: CurvatureConfig, indices: Sequence[int] | None = None
+    source: GradientSource, config: CurvatureConfig, passes: FitPasses | None = None
 ) -> EigenbasisCurvature:
-    """Fit the K-FAC factors, then the eigenvalues in their eigenbasis with fresh draws."""
-    fitted = fit_factors(source, config, indices)
+    """Fit the K-FAC factors, then the eigenvalues in their eigenbasis with fresh draws
+    (over `passes`' examples; default: every example, without checkpoints)."""
+    passes = passes if passes is not None else FitPasses(source, config)
+    fitted = fit_factors(source, config, passes)
     sums = _EigvalSums(source.layers, fitted)
-    num_draws = source.curvature_seeds(
-        sums,
-        config,
-        Purpose.FIT_EIGVALS,
-        config.eigval_draws,
-        indices=indices,
-        desc="fit eigenvalues",
+    passes.run(
+        "eigenvalues",
+        sums.state(),
+        lambda chunks: source.curvature_seeds(
+            sums, config, Purpose.FIT_EIGVALS, config.eigval_draws, chunks, desc="fit eigenvalues"
+        ),
     )
+    num_draws = passes.num_examples * config.eigval_draws
     for name, layer in fitted.items():
         layer.eigvals_weight = sums.weight[name] / num_draws
         check_finite(name, "EK-FAC eigenvalues", layer.eigvals_weight)

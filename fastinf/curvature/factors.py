@@ -7,8 +7,6 @@ eigenvalues are Λ = λ_S λ_Aᵀ; EK-FAC re-estimates Λ in the same eigenbasis
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -17,6 +15,7 @@ from ..diffusion import Purpose
 from ..layers import LayerCall, LayerInfo
 from ..source import GradientSource
 from .base import CurvatureError, LayerCurvature
+from .passes import FitPasses
 
 __all__ = ["FactorSums", "check_finite", "eigh_psd", "fit_factors", "upcast"]
 
@@ -27,7 +26,8 @@ def upcast(tensor: Tensor) -> Tensor:
 
 
 class FactorSums:
-    """Layer consumer accumulating Σ a aᵀ and Σ g gᵀ (expand) or the reduced versions."""
+    """Layer consumer accumulating Σ a aᵀ and Σ g gᵀ (expand) or the reduced versions, and
+    the number of activation rows, all float64."""
 
     def __init__(self, layers: dict[str, LayerInfo], approx: str, device):
         self.approx = approx
@@ -39,7 +39,7 @@ class FactorSums:
             n: torch.zeros(i.d_out, i.d_out, dtype=torch.float64, device=device)
             for n, i in layers.items()
         }
-        self.act_count = dict.fromkeys(layers, 0)
+        self.act_count = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
 
     def __call__(self, name: str, call: LayerCall) -> None:
         act, grad = (upcast(rows) for rows in call.rows())
@@ -50,6 +50,11 @@ class FactorSums:
         self.act_count[name] += rows_act.shape[0]
         self.act[name] += (rows_act.T @ rows_act).double()
         self.grad[name] += (rows_grad.T @ rows_grad).double()
+
+    def state(self) -> dict[str, Tensor]:
+        """Every sum, by key (the tensors themselves: `FitPasses.run` reduces them)."""
+        parts = {"act": self.act, "grad": self.grad, "act_count": self.act_count}
+        return {f"{n}::{part}": sums[n] for part, sums in parts.items() for n in self.act}
 
 
 def check_finite(name: str, what: str, matrix: Tensor) -> None:
@@ -68,14 +73,19 @@ def eigh_psd(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fit_factors(
-    source: GradientSource, config: CurvatureConfig, indices: Sequence[int] | None
+    source: GradientSource, config: CurvatureConfig, passes: FitPasses
 ) -> dict[str, LayerCurvature]:
-    """A and S of every tracked layer over the training set (or `indices`), their
-    eigendecompositions, and the K-FAC eigenvalues Λ = λ_S λ_Aᵀ (Λ_bias = λ_S)."""
+    """A and S of every tracked layer over the fit's examples, their eigendecompositions
+    (the same on every rank), and the K-FAC eigenvalues Λ = λ_S λ_Aᵀ (Λ_bias = λ_S)."""
     sums = FactorSums(source.layers, config.kfac_approx, source.device)
-    num_draws = source.curvature_seeds(
-        sums, config, Purpose.FIT_FACTORS, config.factor_draws, indices=indices, desc="fit factors"
+    passes.run(
+        "factors",
+        sums.state(),
+        lambda chunks: source.curvature_seeds(
+            sums, config, Purpose.FIT_FACTORS, config.factor_draws, chunks, desc="fit factors"
+        ),
     )
+    num_draws = passes.num_examples * config.factor_draws
     fitted = {}
     for name, info in source.layers.items():
         act_cov = sums.act[name] / sums.act_count[name]
@@ -84,6 +94,7 @@ def fit_factors(
         check_finite(name, "output-gradient covariance S", grad_cov)
         eigvals_act, eigvecs_act = eigh_psd(act_cov)
         eigvals_grad, eigvecs_grad = eigh_psd(grad_cov)
+        passes.agree([eigvals_act, eigvecs_act, eigvals_grad, eigvecs_grad])
         fitted[name] = LayerCurvature(
             act_cov,
             grad_cov,

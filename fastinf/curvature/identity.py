@@ -3,21 +3,21 @@ dot product baseline, through the same eigenbasis machinery (the basis is the st
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from ..config import CurvatureConfig
 from ..source import GradientSource
 from .base import EigenbasisCurvature, LayerCurvature
+from .passes import FitPasses
 
 __all__ = ["fit"]
 
 
 def fit(
-    source: GradientSource, config: CurvatureConfig, indices: Sequence[int] | None = None
+    source: GradientSource, config: CurvatureConfig, passes: FitPasses | None = None
 ) -> EigenbasisCurvature:
-    """No pass over the data: the factors, bases and eigenvalues are identities and ones."""
+    """No pass over the data (`passes` is not used): the factors, bases and eigenvalues are
+    identities and ones, on every rank alike."""
     fitted = {}
     options = {"dtype": torch.float64, "device": source.device}
     for name, info in source.layers.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 
@@ -11,17 +10,18 @@ from ..config import CurvatureConfig
 from ..source import GradientSource
 from .base import EigenbasisCurvature, LayerCurvature
 from .factors import fit_factors
+from .passes import FitPasses
 
 __all__ = ["as_kfac", "fit"]
 
 
 def fit(
-    source: GradientSource, config: CurvatureConfig, indices: Sequence[int] | None = None
+    source: GradientSource, config: CurvatureConfig, passes: FitPasses | None = None
 ) -> EigenbasisCurvature:
-    """Fit the K-FAC factors on the training set (or `indices`)."""
-    return EigenbasisCurvature(
-        fit_factors(source, config, indices), config, dict(source.provenance)
-    )
+    """Fit the K-FAC factors over `passes`' examples (default: every example, without
+    checkpoints)."""
+    passes = passes if passes is not None else FitPasses(source, config)
+    return EigenbasisCurvature(fit_factors(source, config, passes), config, dict(source.provenance))
 
 
 def as_kfac(curvature: EigenbasisCurvature) -> EigenbasisCurvature:

@@ -15,7 +15,7 @@ drawn from the config seed, which preserves inner products in expectation.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ from ..layers import LayerCall, LayerInfo
 from ..source import GradientSource, LayerGrads
 from .base import Curvature
 from .factors import eigh_psd
+from .passes import FitPasses
 
 __all__ = ["SketchedCurvature", "fit"]
 
@@ -194,28 +195,35 @@ class _SketchedGradients(BlockConsumer):
 
 
 def fit(
-    source: GradientSource, config: CurvatureConfig, indices: Sequence[int] | None = None
+    source: GradientSource, config: CurvatureConfig, passes: FitPasses | None = None
 ) -> SketchedCurvature:
-    """Fit F = (1/N) Σ_n (P g_n)(P g_n)ᵀ with g_n the gradient of `config.objective`
-    averaged over `config.factor_draws` draws, and eigendecompose it in float64."""
+    """Fit F = (1/N) Σ_n (P g_n)(P g_n)ᵀ over `passes`' examples (default: every example,
+    without checkpoints) with g_n the gradient of `config.objective` averaged over
+    `config.factor_draws` draws, and eigendecompose it in float64."""
+    passes = passes if passes is not None else FitPasses(source, config)
     empty = torch.zeros(0, dtype=torch.float64, device=source.device)
     curvature = SketchedCurvature(source.layers, config, dict(source.provenance), empty, empty)
     consumer = _SketchedGradients(source.layers, curvature)
     spec = DrawSpec(Purpose.FIT_FACTORS, config.factor_draws, config.seed)
-    fisher = torch.zeros(curvature.dim, curvature.dim, dtype=torch.float64)
-    count = 0
-    for block in source.stream(
-        consumer,
-        resolve_measurement(config.objective),
-        spec,
-        indices=indices,
-        block_size=max(1, config.batch_size // config.factor_draws),
-        batch_size=config.batch_size,
-        desc="fit sketched",
-    ):
-        fisher += consumer.features.T @ consumer.features
-        count += block.ids.numel()
-    eigvals, eigvecs = eigh_psd(fisher / count)
+    sums = {"fisher": torch.zeros(curvature.dim, curvature.dim, dtype=torch.float64)}
+
+    def run(chunks: list[list[int]]) -> Iterator[None]:
+        for number, chunk in enumerate(chunks, 1):
+            for _ in source.stream(
+                consumer,
+                resolve_measurement(config.objective),
+                spec,
+                indices=chunk,
+                block_size=max(1, config.batch_size // config.factor_draws),
+                batch_size=config.batch_size,
+                desc=f"fit sketched ({number}/{len(chunks)})",
+            ):
+                sums["fisher"] += consumer.features.T @ consumer.features
+            yield
+
+    passes.run("sketched_fisher", sums, run)
+    eigvals, eigvecs = eigh_psd(sums["fisher"] / passes.num_examples)
+    passes.agree([eigvals, eigvecs])
     curvature.fisher_eigvals = eigvals.to(source.device)
     curvature.fisher_eigvecs = eigvecs.to(source.device)
     return curvature

@@ -7,6 +7,8 @@ stored in its shard (DESIGN §2 step 3b). Under `torch.distributed` (e.g. `torch
 prepares the build (calibration, compressor), and after a barrier verifies every shard and
 writes the manifest. Shards are fixed row ranges of the build order, so the stored vectors
 do not depend on the number of ranks, and a killed build resumes where it stopped.
+With search="twostage" each shard also stores the first-stage sketches of its stored
+vectors (`fastinf.index.twostage`), and the faiss structure is built over those.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from ..source import GradientSource
 from .compress import CoordinateLayout, damped_ratio, make_compressor
 from .config import IndexConfig
 from .encode import Quantizer, VectorEncoder
-from .identity import build_id, check_identity, index_identity, load_encoder
+from .identity import build_id, check_identity, index_identity, load_encoder, load_projection
 from .recall import first_stage_recall
 from .search import SearchIndex
 from .store import COMPRESSOR, BuildPlan, IndexStore, npy_bytes
+from .twostage import FirstStageProjection, principal_directions
 
 __all__ = ["build_index"]
 
@@ -78,6 +81,31 @@ def _calibrate(source: GradientSource, curvature, config: IndexConfig, layout, o
     return encoder, Quantizer.calibrate(config, vectors), vectors
 
 
+def fit_sample(order: np.ndarray, count: int) -> np.ndarray:
+    """`count` examples of the build order (all if fewer), evenly spread over it."""
+    positions = np.unique(np.linspace(0, len(order) - 1, min(count, len(order))).round())
+    return order[positions.astype(np.int64)]
+
+
+def _first_stage(source, config, encoder, quantizer, order, calibration) -> FirstStageProjection:
+    """The first-stage projection: pca fitted on the stored vectors of `fit_sample`
+    (computed here), countsketch from its seed; its fp16 scale set on those vectors."""
+    stored = quantizer.values(quantizer.store(calibration))
+    basis = None
+    if config.first_stage_projection == "pca":
+        sample = fit_sample(order, config.first_stage_fit)
+        parts = []
+        with progress_bar(len(sample), "index first stage (principal directions)") as bar:
+            for chunk, grads in _train_blocks(source, sample):
+                parts.append(quantizer.values(quantizer.store(encoder.encode(grads))))
+                bar.update(len(chunk))
+        stored = np.concatenate(parts)
+        basis = principal_directions(stored, config.first_stage_dim)
+    projection = FirstStageProjection(config, encoder.dim, basis=basis)
+    scale = FirstStageProjection.scale_for(projection.project(stored))
+    return FirstStageProjection(config, encoder.dim, scale, basis)
+
+
 def _prepare(
     store: IndexStore, source: GradientSource, curvature, config: IndexConfig, order: np.ndarray
 ) -> None:
@@ -97,6 +125,14 @@ def _prepare(
     compressor = encoder.compressor
     kept = getattr(compressor, "kept", None)
     tensors = {**quantizer.tensors(), **({} if kept is None else {"kept": kept})}
+    first_stage = {}
+    if config.search == "twostage":
+        projection = _first_stage(source, config, encoder, quantizer, order, vectors)
+        if projection.kind == "pca":
+            tensors["first_stage_basis"] = projection.basis
+        first_stage = {
+            "first_stage": {"projection": projection.fingerprint(), "scale": projection.scale}
+        }
     save_artifact(
         store.directory,
         COMPRESSOR,
@@ -109,6 +145,7 @@ def _prepare(
     store.write_manifest(
         {
             **identity,
+            **first_stage,
             "first_stage_recall": recall,
             "build_id": build_id(identity),
             "config": config.to_dict(),
@@ -134,7 +171,14 @@ def _finalize(store: IndexStore, manifest: dict, quantizer: Quantizer) -> None:
     for record in ordered:
         store.open_shard(record, verify=True)
     manifest.pop("search_sha256", None)
-    if config.search != "flat":
+    if config.search == "twostage":
+        dim = config.first_stage_dim
+        batches = (
+            np.asarray(store.open_sketches(r, dim, verify=True), dtype=np.float32) for r in ordered
+        )
+        search = SearchIndex.build(config.first_stage_config(), dim, plan.num_examples, batches)
+        manifest["search_sha256"] = store.write_search(search.write)
+    elif config.search != "flat":
         batches = (quantizer.values(store.open_shard(r, verify=False)) for r in ordered)
         search = SearchIndex.build(
             config, manifest["dim"], plan.num_examples, batches, quantizer.scale_array()
@@ -146,6 +190,24 @@ def _finalize(store: IndexStore, manifest: dict, quantizer: Quantizer) -> None:
     manifest["completed"] = [[r["start"], r["stop"]] for r in ordered]
     manifest["complete"] = True
     store.write_manifest(manifest)
+
+
+def _check_first_stage(config: IndexConfig, stored_dim: int, order: np.ndarray) -> None:
+    """Refuse, before anything is written, a first stage this index cannot have."""
+    dim = config.first_stage_dim
+    if dim >= stored_dim:
+        raise ValueError(
+            f"IndexConfig.first_stage_dim={dim} is not below the {stored_dim} values of a "
+            "stored vector; lower first_stage_dim, or use search='flat'."
+        )
+    fitted = min(config.first_stage_fit, len(order))
+    if config.first_stage_projection == "pca" and dim > fitted:
+        raise ValueError(
+            f"IndexConfig.first_stage_dim={dim} principal directions need at least {dim} "
+            f"fitted examples, but only {fitted} are fitted (first_stage_fit="
+            f"{config.first_stage_fit}, {len(order)} examples); lower first_stage_dim or "
+            "raise first_stage_fit, or use search='flat' for so few examples."
+        )
 
 
 def build_index(
@@ -181,6 +243,8 @@ def build_index(
             f"IndexConfig.dim={config.dim} exceeds the {size} coordinates of the tracked "
             f"layers' gradients; use a dim below {size}, or compression='exact'."
         )
+    if config.search == "twostage":
+        _check_first_stage(config, size if config.compression == "exact" else config.dim, order)
     # Rank 0 holds the folder's writer lock for the whole build (the other ranks are its
     # helpers, not rival writers).
     with writer_lock(directory, "index build") if rank == 0 else nullcontext():
@@ -196,6 +260,7 @@ def _build(store, source, curvature, config, order, *, overwrite: bool) -> None:
     barrier()
     manifest = store.read_manifest()
     encoder, quantizer = load_encoder(store, curvature, source.config, manifest)
+    projection = load_projection(store, manifest)
     plan = BuildPlan(manifest["plan"]["num_examples"], manifest["plan"]["shard_size"])
     done = store.completed(plan, manifest["build_id"])
     mine = [s for s in source.share(plan.shards()) if s.number not in done]
@@ -208,7 +273,8 @@ def _build(store, source, curvature, config, order, *, overwrite: bool) -> None:
                 values[filled : filled + len(chunk)] = quantizer.store(encoder.encode(grads))
                 filled += len(chunk)
                 bar.update(len(chunk))
-            store.write_shard(shard, values, manifest["build_id"])
+            sketches = None if projection is None else projection.sketch(quantizer.values(values))
+            store.write_shard(shard, values, manifest["build_id"], sketches)
     barrier()
     if rank == 0:
         _finalize(store, store.read_manifest(), quantizer)

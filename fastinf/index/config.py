@@ -2,7 +2,9 @@
 
 Fields that change the stored vectors are the index's fingerprint (checked when a build is
 resumed); shard size changes only the file layout and is part of the build plan; the search
-fields choose the faiss structure built over the stored vectors.
+fields choose the faiss structure built over the stored vectors. With search="twostage"
+every example also stores a low-dimensional sketch of its stored vector (first stage), and
+the sketch's size and projection join the fingerprint.
 """
 
 from __future__ import annotations
@@ -12,11 +14,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["COMPRESSIONS", "SEARCHES", "STORAGES", "IndexConfig"]
+__all__ = [
+    "COMPRESSIONS",
+    "FIRST_STAGE_PROJECTIONS",
+    "FIRST_STAGE_SEARCHES",
+    "SEARCHES",
+    "STORAGES",
+    "IndexConfig",
+]
 
 COMPRESSIONS = ("exact", "countsketch", "gaussian", "kronecker", "truncate", "hybrid")
 STORAGES = ("fp32", "fp16", "int8", "int4")
-SEARCHES = ("flat", "ivf", "ivfpq", "hnsw")
+SEARCHES = ("flat", "ivf", "ivfpq", "hnsw", "twostage")
+FIRST_STAGE_SEARCHES = ("flat", "hnsw", "ivf")
+FIRST_STAGE_PROJECTIONS = ("pca", "countsketch")
 RANKINGS = ("damped_ratio", "energy")
 BITS_PER_VALUE = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 
@@ -83,7 +94,42 @@ class IndexConfig:
         default="flat",
         metadata={
             "help": "faiss structure: flat (exact inner product), ivf, ivfpq, hnsw (approximate, "
-            "for very large N; recall reported by bench/index_search.py)"
+            "for very large N; recall reported by bench/index_search.py); twostage: a faiss "
+            "search over small sketches of the stored vectors yields candidates, whose stored "
+            "vectors are then scored exactly (large N; bench/index_twostage.py)"
+        },
+    )
+    first_stage_dim: int = field(
+        default=512,
+        metadata={"help": "twostage: values per sketch (stored as fp16 beside each vector)"},
+    )
+    first_stage_projection: str = field(
+        default="pca",
+        metadata={
+            "help": "twostage: how a stored vector becomes its sketch — pca (its coordinates "
+            "on the top principal directions of `first_stage_fit` stored vectors) or "
+            "countsketch (signed hashing of its values into the buckets, seeded by sketch_seed)"
+        },
+    )
+    first_stage_fit: int = field(
+        default=4096,
+        metadata={
+            "help": "twostage, pca: examples, spread evenly over the build order, whose stored "
+            "vectors give the principal directions (computed once more at the build's start)"
+        },
+    )
+    first_stage_search: str = field(
+        default="hnsw",
+        metadata={
+            "help": "twostage: faiss structure over the sketches — flat (exact), hnsw "
+            "(hnsw_neighbors, efSearch ≥ candidates) or ivf (nlist, nprobe)"
+        },
+    )
+    first_stage_candidates: int = field(
+        default=1000,
+        metadata={
+            "help": "twostage: candidates per query and sign taken from the sketches and "
+            "scored with their stored vectors"
         },
     )
     nlist: int = field(default=0, metadata={"help": "ivf/ivfpq: lists (0: 4·√N)"})
@@ -113,8 +159,13 @@ class IndexConfig:
         _choice("storage", self.storage, STORAGES)
         _choice("rank_by", self.rank_by, RANKINGS)
         _choice("search", self.search, SEARCHES)
+        _choice("first_stage_projection", self.first_stage_projection, FIRST_STAGE_PROJECTIONS)
+        _choice("first_stage_search", self.first_stage_search, FIRST_STAGE_SEARCHES)
         for name in ("dim", "calibration_examples", "shard_size", "nprobe", "pq_bytes"):
             _positive(name, getattr(self, name))
+        _positive("first_stage_dim", self.first_stage_dim)
+        _positive("first_stage_fit", self.first_stage_fit)
+        _positive("first_stage_candidates", self.first_stage_candidates)
         _positive("hnsw_neighbors", self.hnsw_neighbors)
         _positive("hnsw_ef_search", self.hnsw_ef_search)
         if not isinstance(self.nlist, int) or self.nlist < 0:
@@ -131,12 +182,24 @@ class IndexConfig:
             )
 
     def vector_fingerprint(self) -> dict[str, Any]:
-        """The fields that change the stored vectors."""
+        """The fields that change the stored vectors (and, for twostage, their sketches)."""
         keys = ("compression", "dim", "storage", "rank_by", "exact_fraction", "sketch_seed")
         values = {k: getattr(self, k) for k in keys}
         if self.needs_calibration():
             values["calibration_examples"] = self.calibration_examples
+        # None without a first stage: an index recorded before these fields reads the same.
+        twostage = self.search == "twostage"
+        values["first_stage_dim"] = self.first_stage_dim if twostage else None
+        values["first_stage_projection"] = self.first_stage_projection if twostage else None
+        fitted = twostage and self.first_stage_projection == "pca"
+        values["first_stage_fit"] = self.first_stage_fit if fitted else None
         return values
+
+    def first_stage_config(self) -> IndexConfig:
+        """twostage: the config of the faiss structure over the fp16 sketches."""
+        if self.search != "twostage":
+            raise ValueError(f"IndexConfig.search={self.search!r} has no first stage.")
+        return dataclasses.replace(self, search=self.first_stage_search, storage="fp16")
 
     def needs_calibration(self) -> bool:
         """Whether building needs a first pass over the calibration examples."""

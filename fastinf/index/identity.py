@@ -14,6 +14,7 @@ from .compress import CoordinateLayout, damped_ratio, make_compressor
 from .config import IndexConfig
 from .encode import Quantizer, VectorEncoder
 from .store import COMPRESSOR, IndexStore
+from .twostage import FirstStageProjection
 
 __all__ = [
     "GRADIENT_FIELDS",
@@ -23,6 +24,7 @@ __all__ = [
     "check_identity",
     "index_identity",
     "load_encoder",
+    "load_projection",
 ]
 
 GRADIENT_FIELDS = ("train_draws", "train_objective", "seed", "damping", "damping_mode")
@@ -125,3 +127,29 @@ def load_encoder(
         )
     encoder = VectorEncoder(curvature, score.damping, score.damping_mode, compressor)
     return encoder, Quantizer(config.storage, tensors.get("scale"))
+
+
+def load_projection(store: IndexStore, manifest: dict) -> FirstStageProjection | None:
+    """twostage: the build's first-stage projection (its saved basis for pca, else rebuilt
+    from its seed), checked against the manifest; None for other searches."""
+    config = IndexConfig(**manifest["config"])
+    if config.search != "twostage":
+        return None
+    recorded = manifest.get("first_stage")
+    if recorded is None:
+        raise ArtifactMismatchError(
+            "the index's config asks for search='twostage' but it was built without "
+            "first-stage sketches; rebuild it with overwrite=True (or `fastinf index "
+            "--overwrite`)."
+        )
+    basis = None
+    if config.first_stage_projection == "pca":
+        basis = load_artifact(store.directory, COMPRESSOR)[0].get("first_stage_basis")
+    projection = FirstStageProjection(config, manifest["dim"], recorded["scale"], basis)
+    if projection.fingerprint() != recorded["projection"]:
+        raise ArtifactMismatchError(
+            f"the first-stage projection of the index ({projection.fingerprint()}) is not the "
+            f"one it was built with ({recorded['projection']}): another torch version draws "
+            "other random numbers, or the compressor file was replaced; rebuild the index."
+        )
+    return projection

@@ -7,6 +7,9 @@ structure over them, and the error model of their compression (DESIGN §2 step 3
 Loading checks that the index belongs to the source's model, dataset, gradient draws and
 damping and to the curvature, and verifies every file's checksum (DESIGN §2: never a
 silently wrong answer). `fastinf.index.IndexScorer` turns queries into vectors and re-ranks.
+A flat index holds every stored vector in a faiss structure in memory; a twostage one
+holds only the first-stage structure over the sketches, and reads the stored vectors of
+each query's candidates from the memory-mapped shards (`fastinf.index.twostage`).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from ..scoring import TopK
 from ..source import GradientSource
 from .config import IndexConfig
 from .encode import Quantizer, VectorEncoder
-from .identity import SECTIONS, check_identity, index_identity, load_encoder
+from .identity import SECTIONS, check_identity, index_identity, load_encoder, load_projection
 from .search import SearchIndex
 from .store import BuildPlan, IndexStore
+from .twostage import FirstStageProjection, TwoStageSearch
 
 __all__ = ["TrainingIndex"]
 
@@ -75,6 +79,7 @@ class TrainingIndex:
         encoder: VectorEncoder,
         quantizer: Quantizer,
         *,
+        projection: FirstStageProjection | None = None,
         verify: bool = True,
         sharded: bool = False,
     ):
@@ -106,6 +111,21 @@ class TrainingIndex:
                 self.quantizer.scale_array(),
             )
             self._norms = self._by_example(norms)
+        elif self.config.search == "twostage":
+            if projection is None:
+                raise ValueError("a twostage index needs its first-stage projection.")
+            if verify:
+                for record in records:
+                    store.open_sketches(record, self.config.first_stage_dim, verify=True)
+            path = store.check_search(manifest["search_sha256"])
+            self.search_index = SearchIndex.read(path, self.config.first_stage_config())
+            self.two_stage = TwoStageSearch(
+                self.search_index,
+                projection,
+                self.shards,
+                self.config,
+                self.quantizer.scale_array(),
+            )
         else:
             path = store.check_search(manifest["search_sha256"])
             self.search_index = SearchIndex.read(path, self.config)
@@ -157,7 +177,16 @@ class TrainingIndex:
         )
         check_identity(f"index in {directory}", manifest, expected, SECTIONS)
         encoder, quantizer = load_encoder(store, curvature, source.config, manifest)
-        return cls(store, manifest, encoder, quantizer, verify=verify, sharded=sharded)
+        projection = load_projection(store, manifest)
+        return cls(
+            store,
+            manifest,
+            encoder,
+            quantizer,
+            projection=projection,
+            verify=verify,
+            sharded=sharded,
+        )
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -220,19 +249,26 @@ class TrainingIndex:
         """The compression error model of this index's scores (`error_model`)."""
         return error_model(self.config.compression, self.dim, self.quantizer, vectors)
 
-    def search(self, vectors: Tensor, k: int) -> tuple[TopK, TopK]:
+    def search(
+        self, vectors: Tensor, k: int, *, candidates: int | None = None
+    ) -> tuple[TopK, TopK]:
         """Top-k proponents (largest ⟨v_q, v_n⟩) and opponents (largest ⟨−v_q, v_n⟩).
 
         Args:
             vectors: [Q, dim] query index vectors (`IndexScorer.query_vectors`).
+            candidates: twostage: first-stage candidates per query and sign (default
+                `IndexConfig.first_stage_candidates`; ≥ N: the flat search's lists).
         Returns:
             (proponents, opponents): `TopK` of dataset indices and index scores [Q, k]
             (float64), proponents by descending score, opponents by ascending score.
         """
         queries = self.quantizer.query(vectors)
+        if self.config.search == "twostage":
+            signed = self.two_stage.search(queries, k, candidates)
+        else:
+            signed = [self.search_index.search(sign * queries, k) for sign in (1.0, -1.0)]
         found = []
-        for sign in (1.0, -1.0):
-            scores, rows = self.search_index.search(sign * queries, k)
+        for sign, (scores, rows) in zip((1.0, -1.0), signed, strict=True):
             rows_t = torch.from_numpy(rows.astype(np.int64))
             indices = torch.where(rows_t >= 0, self.order[self.rows[rows_t.clamp_min(0)]], -1)
             scores_t = torch.from_numpy(scores).double()

@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import IndexConfig
 
-__all__ = ["SearchIndex"]
+__all__ = ["SearchIndex", "flat_over_stored"]
 
 _QTYPES = {
     "fp16": faiss.ScalarQuantizer.QT_fp16,
@@ -86,6 +86,37 @@ def _pin_ranges(index, storage: str, scale: np.ndarray) -> None:
     trained = np.concatenate([low * scale, span * scale]).astype(np.float32)
     faiss.copy_array_to_vector(trained, holder.sq.trained)
     holder.is_trained = True
+
+
+def _faiss_codes(storage: str, stored: np.ndarray, dim: int) -> np.ndarray:
+    """The codes faiss's flat structure (with `_pin_ranges`) holds for these stored values:
+    the same bytes for fp32/fp16, the integer + 128 for int8, each nibble − 1 for int4
+    (faiss: value + 7, the index: value + 8; faiss pads an odd vector with a 0 nibble)."""
+    raw = np.ascontiguousarray(stored).view(np.uint8)
+    if storage == "int8":
+        return raw ^ np.uint8(0x80)
+    if storage == "int4":
+        codes = raw - np.uint8(0x11)
+        if dim % 2:
+            codes[:, -1] &= np.uint8(0x0F)
+        return codes
+    return raw
+
+
+def flat_over_stored(
+    config: IndexConfig, dim: int, stored: np.ndarray, scale: np.ndarray | None = None
+):
+    """An exact faiss structure whose rows are `stored` [rows, width] (values as the shards
+    hold them), taken as they are instead of re-encoded: its inner products are exactly the
+    flat search's for those rows (the same codes and kernel). A CPU structure.
+    """
+    index = _flat(config, dim)
+    if config.storage in _PINNED_RANGES:
+        _pin_ranges(index, config.storage, scale)
+    codes = _faiss_codes(config.storage, stored, dim)
+    faiss.copy_array_to_vector(codes.ravel(), index.codes)
+    index.ntotal = codes.shape[0]
+    return index
 
 
 def _to_gpu(index):

@@ -4,12 +4,14 @@
     DIR/order.npy              dataset index of every stored row, in build order
     DIR/compressor.{json,safetensors}   data-dependent compressor state (checksummed)
     DIR/shards/shard_00007.npy stored vectors of rows [7·S, 8·S) (memory-mapped when read)
-    DIR/shards/shard_00007.json its record: rows, dtype, sha256, build id
-    DIR/search.faiss           trained faiss structure (ivf/ivfpq/hnsw only)
+    DIR/shards/sketch_00007.npy  twostage only: their first-stage sketches (fp16)
+    DIR/shards/shard_00007.json its record: rows, dtype, sha256 (and the sketch's), build id
+    DIR/search.faiss           faiss structure (ivf/ivfpq/hnsw; twostage: over the sketches)
 
 Every file is written to a temporary name and renamed into place, and a shard's record is
 written only after its data: a build killed at any point leaves complete shards with
-records, and at most one shard without (recomputed on resume). Rows belong to fixed shards,
+records, and at most one shard without (recomputed on resume); a shard's sketch is written
+between its data and its record. Rows belong to fixed shards,
 so a resumed build can neither miss nor duplicate one.
 """
 
@@ -46,7 +48,7 @@ SEARCH_FILE = "search.faiss"
 KIND = "fastinf-index"
 DIGEST = "manifest_sha256"
 COMPRESSOR = "compressor"  # stem of the compressor artifact
-_SHARD_FILE = re.compile(rf"{SHARDS}/shard_\d{{5}}\.(npy|json)")
+_SHARD_FILE = re.compile(rf"{SHARDS}/(shard_\d{{5}}\.(npy|json)|sketch_\d{{5}}\.npy)")
 
 
 @dataclass(frozen=True)
@@ -151,12 +153,23 @@ class IndexStore:
     def record_path(self, number: int) -> Path:
         return self.directory / SHARDS / f"shard_{number:05d}.json"
 
-    def write_shard(self, shard: ShardSpec, values: np.ndarray, build_id: str) -> dict:
-        """Write a shard's stored values, then its record; return the record."""
-        if values.shape[0] != shard.rows:
-            raise RuntimeError(
-                f"shard {shard.number}: {values.shape[0]} rows, expected {shard.rows}"
-            )
+    def sketch_path(self, number: int) -> Path:
+        return self.directory / SHARDS / f"sketch_{number:05d}.npy"
+
+    def write_shard(
+        self,
+        shard: ShardSpec,
+        values: np.ndarray,
+        build_id: str,
+        sketches: np.ndarray | None = None,
+    ) -> dict:
+        """Write a shard's stored values, then its first-stage sketches (twostage), then
+        its record; return the record."""
+        for array in (values, sketches):
+            if array is not None and array.shape[0] != shard.rows:
+                raise RuntimeError(
+                    f"shard {shard.number}: {array.shape[0]} rows, expected {shard.rows}"
+                )
         (self.directory / SHARDS).mkdir(parents=True, exist_ok=True)
         data = npy_bytes(values)
         atomic_write(self.shard_path(shard.number), lambda tmp: tmp.write_bytes(data))
@@ -169,6 +182,12 @@ class IndexStore:
             "dtype": str(values.dtype),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
+        if sketches is not None:
+            sketch_data = npy_bytes(sketches)
+            path = self.sketch_path(shard.number)
+            atomic_write(path, lambda tmp: tmp.write_bytes(sketch_data))
+            record["sketch_dim"] = int(sketches.shape[1])
+            record["sketch_sha256"] = hashlib.sha256(sketch_data).hexdigest()
         text = json.dumps(record, sort_keys=True).encode()
         atomic_write(self.record_path(shard.number), lambda tmp: tmp.write_bytes(text))
         return record
@@ -186,6 +205,8 @@ class IndexStore:
                 continue
             record = _read_json(path)
             self._check_record(record, shard, build_id)
+            if "sketch_sha256" in record and not self.sketch_path(shard.number).exists():
+                continue  # its sketches were deleted: the shard is recomputed
             done[shard.number] = record
         return done
 
@@ -221,6 +242,38 @@ class IndexStore:
                 f"{expected}; delete it and its .json, then resume the build."
             )
         return values
+
+    def open_sketches(self, record: dict, sketch_dim: int, *, verify: bool = True) -> np.ndarray:
+        """A shard's first-stage sketches [rows, sketch_dim] fp16, memory-mapped read-only.
+
+        Raises:
+            ArtifactMismatchError: the shard has no sketches, or sketches of another size
+                (built for another first_stage_dim or search).
+        """
+        number = record["shard"]
+        if record.get("sketch_dim") != sketch_dim:
+            raise ArtifactMismatchError(
+                f"shard {number} holds {record.get('sketch_dim') or 'no'} first-stage sketch "
+                f"values per row, the index's config asks for first_stage_dim={sketch_dim}; "
+                "rebuild the index with overwrite=True (or `fastinf index --overwrite`)."
+            )
+        path = self.sketch_path(number)
+        if verify:
+            self._check_file(path, record["sketch_sha256"], f"sketches of shard {number}")
+        try:
+            sketches = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise ArtifactCorruptError(
+                f"{path} cannot be read ({error}); delete it and shard_{number:05d}.json, then "
+                "resume the build."
+            ) from None
+        if sketches.shape != (record["stop"] - record["start"], sketch_dim):
+            raise ArtifactCorruptError(
+                f"{path} holds {sketches.shape} sketches, its record says "
+                f"{(record['stop'] - record['start'], sketch_dim)}; delete it and "
+                f"shard_{number:05d}.json, then resume the build."
+            )
+        return sketches
 
     def _check_file(self, path: Path, sha256: str, what: str) -> None:
         if not path.exists():
