@@ -348,9 +348,12 @@ def test_the_fingerprint_reads_without_decoding_and_changes_with_any_image(
             tmp_path / "tars" / "shard-{000000..000001}.tar", (1, SIZE, SIZE), index_cache=cache
         ).fingerprint()
     )
-    # The engine's generic fingerprint (every item decoded) depends on the items alone.
+    # The engine's fingerprint uses the dataset's own (stored bytes, no decoding), which
+    # differs from the generic one of the same decoded items.
     same_items = ImageTensorDataset(as_model_range(images[:9]))
-    assert dataset_fingerprint(tars) == dataset_fingerprint(same_items)
+    assert dataset_fingerprint(tars) == tars.fingerprint()
+    assert dataset_fingerprint(tars, "sample") == tars.fingerprint("sample")
+    assert dataset_fingerprint(tars) != dataset_fingerprint(same_items)
 
 
 def test_gradients_of_streamed_images_are_those_of_the_same_tensors(tmp_path, cache, schedule):
