@@ -19,7 +19,7 @@ second of wall time), client-side p50/p95/p99 latency, mean `batch_size` of the 
 the server's VmRSS before and after. With `search` it also reruns 4 and 16 clients with
 every tenth request malformed (non-image bytes, a truncated PNG, NaN in JSON, a 7×7 image,
 k=0, in turn; each must get a 4xx, anything else is an error), and sends 2,000 requests
-from 16 clients to see how much the server's memory grows.
+from 16 clients to see how much the server's memory grows (read after each quarter).
 
 Targets are checked and recorded (PASS/MISS), never asserted. Rows are appended to
 `bench/results/service_load.csv`; the summary goes to `service_load.md` (`--quick`:
@@ -295,11 +295,20 @@ def summarise(answers: list[Answer], wall: float) -> dict:
     return row
 
 
-def measure(server: Server, requests: list[Request], clients: int) -> dict:
+def measure(server: Server, requests: list[Request], clients: int, chunks: int = 1) -> dict:
+    """One level; with `chunks` > 1 it is sent in that many parts, the server's RSS read
+    after each (`rss_trace_mb`), to tell steady growth from a plateau."""
     before, load_before = rss_mb(server.pid), os.getloadavg()[0]
-    answers, wall = closed_loop(server.url, requests, clients)
-    after = rss_mb(server.pid)
+    answers, wall, trace = [], 0.0, [before]
+    size = -(-len(requests) // chunks)
+    for start in range(0, len(requests), size):
+        part, seconds = closed_loop(server.url, requests[start : start + size], clients)
+        answers, wall = answers + part, wall + seconds
+        trace.append(rss_mb(server.pid))
+    after = trace[-1]
     row = {"clients": clients, **summarise(answers, wall)}
+    if chunks > 1:
+        row["rss_trace_mb"] = " ".join(f"{value:.0f}" for value in trace)
     row |= {"rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1)}
     row |= {"rss_growth_mb": round(after - before, 1), "load_level_before": round(load_before, 2)}
     row["load_level_after"] = round(os.getloadavg()[0], 2)
@@ -342,7 +351,7 @@ def run_config(name: str, valid: list[Request], malformed: list[Request], args) 
             requests = plan(valid, count, malformed)
             rows.append({**base, "kind": "malformed", **measure(server, requests, clients)})
         requests = plan(valid, MEMORY_REQUESTS[pick])
-        rows.append({**base, "kind": "memory", **measure(server, requests, 16)})
+        rows.append({**base, "kind": "memory", **measure(server, requests, 16, chunks=4)})
     return rows
 
 
@@ -441,7 +450,15 @@ def write_markdown(path: Path, env: dict, args, rows: list[dict], checks: list[d
             markdown_table(malformed, [*columns, "malformed", "malformed_status"]),
         ]
     if memory:
-        text += ["", "## Memory", "", markdown_table(memory, [*columns, "rss_growth_mb"])]
+        text += [
+            "",
+            "## Memory",
+            "",
+            "`rss_trace_mb`: the server's VmRSS before the run and after each quarter of it "
+            "(a steady climb is a leak; a step that levels off is the allocator's working set).",
+            "",
+            markdown_table(memory, [*columns, "rss_growth_mb", "rss_trace_mb"]),
+        ]
     text += ["", "## Targets (reported, not asserted)", "", markdown_table(checks, list(checks[0]))]
     path.write_text("\n".join(text) + "\n")
 
