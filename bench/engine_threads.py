@@ -12,11 +12,11 @@ answered (a) one after another, (b) from 4 threads at once, (c) from 4 threads u
 lock, (d) as one batched call of 16. Every call is made from a thread other than the
 main one, as in `fastinf serve` (its batcher thread): on this 2-core machine under load,
 torch's intra-op threads made the same calls 6-10× slower from the main thread (measured
-while writing this benchmark, load average ~8), which would favour the threaded variants
-unfairly. The variants alternate round by round; each reports the median wall time of
-`--repeats` rounds and queries per second. Every variant's top-10
-must equal the sequential answers (indices exactly, scores to 1e-6 relative), otherwise
-its row says so and no rate is reported for it.
+while writing this benchmark, load average ~8; calls from other threads ran on one core,
+CPU time = wall time), which would favour the threaded variants unfairly. The variants
+alternate round by round; each reports the median wall time of `--repeats` rounds and
+queries per second. Every variant's top-10 must equal the sequential answers (indices
+exactly, scores to 1e-6 relative), otherwise its row says so and no rate is reported.
 
 Rows are appended to `bench/results/engine_threads.csv`; the summary is
 `engine_threads.md`.
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{env['nice']}. "
         f"{QUERIES} distinct generated queries, `engine.score(..., k={TOP_K}, exact_rerank=0)` "
         f"(the default index, search only), every call from a thread other than the main one "
-        "(as the service's batcher); median of {args.repeats} rounds, the variants "
+        f"(as the service's batcher); median of {args.repeats} rounds, the variants "
         "alternating. Every variant's top-10 equals the sequential answers: "
         f"{all(agree.values())}. Command: `{prefix}.venv/bin/python bench/engine_threads.py`.",
         rows,

@@ -337,6 +337,7 @@ def _cmd_index(args) -> int:
         first_stage_fit=args.first_stage_fit,
         first_stage_search=args.first_stage_search,
         first_stage_candidates=args.first_stage_candidates,
+        first_stage_ef_search=args.first_stage_ef_search,
     )
     start = time.perf_counter()
     engine.build_index(args.out, config, overwrite=args.overwrite, load=False)
@@ -707,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
         "first_stage_fit": dict(type=positive_int),
         "first_stage_search": dict(choices=list(FIRST_STAGE_SEARCHES)),
         "first_stage_candidates": dict(type=positive_int),
+        "first_stage_ef_search": dict(type=positive_int),
     }
     _add_config_args(index, IndexConfig, options, options)
     index.add_argument(

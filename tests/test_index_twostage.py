@@ -283,11 +283,11 @@ def test_the_index_command_takes_the_first_stage_options():
     command = ["index", "--curvature", "c", "--out", "o", "--search", "twostage"]
     command += ["--first-stage-dim", "256", "--first-stage-search", "ivf"]
     command += ["--first-stage-candidates", "300", "--first-stage-projection", "countsketch"]
-    command += ["--first-stage-fit", "2000"]
+    command += ["--first-stage-fit", "2000", "--first-stage-ef-search", "5000"]
     args = build_parser().parse_args(command)
     assert (args.search, args.first_stage_dim, args.first_stage_search) == ("twostage", 256, "ivf")
     assert (args.first_stage_candidates, args.first_stage_projection) == (300, "countsketch")
-    assert args.first_stage_fit == 2000
+    assert (args.first_stage_fit, args.first_stage_ef_search) == (2000, 5000)
     defaults = build_parser().parse_args(["index", "--curvature", "c", "--out", "o"])
     assert defaults.first_stage_dim == IndexConfig.first_stage_dim
     assert defaults.first_stage_candidates == IndexConfig.first_stage_candidates

@@ -9,8 +9,9 @@ and searched with faiss.
 `COMPRESSORS` names the compressions an `IndexConfig` can ask for. Modules, in the order of
 the flow: `config` (IndexConfig), `compress` and `encode` (gradients → index vectors →
 stored values), `store` (files on disk), `identity` (what an index was built for), `build`
-(stream the training set into shards), `index` (a loaded index: search), `scorer`
-(queries → search → bounded exact re-rank).
+(stream the training set into shards), `search` (faiss structures), `twostage` (large N:
+sketches give candidates, stored vectors rank them), `index` (a loaded index: search),
+`scorer` (queries → search → bounded exact re-rank).
 """
 
 from ..lazy import lazy_exports

@@ -100,8 +100,12 @@ class IndexConfig:
         },
     )
     first_stage_dim: int = field(
-        default=512,
-        metadata={"help": "twostage: values per sketch (stored as fp16 beside each vector)"},
+        default=2048,
+        metadata={
+            "help": "twostage: values per sketch, stored as fp16 beside each vector (2048: "
+            "4 KB; fewer need many more candidates for the same recall, "
+            "bench/results/index_twostage.md)"
+        },
     )
     first_stage_projection: str = field(
         default="pca",
@@ -130,6 +134,13 @@ class IndexConfig:
         metadata={
             "help": "twostage: candidates per query and sign taken from the sketches and "
             "scored with their stored vectors"
+        },
+    )
+    first_stage_ef_search: int = field(
+        default=4000,
+        metadata={
+            "help": "twostage, hnsw: search breadth over the sketches (at least the "
+            "candidates; a wider search finds more of the sketches' true top candidates)"
         },
     )
     nlist: int = field(default=0, metadata={"help": "ivf/ivfpq: lists (0: 4·√N)"})
@@ -166,6 +177,7 @@ class IndexConfig:
         _positive("first_stage_dim", self.first_stage_dim)
         _positive("first_stage_fit", self.first_stage_fit)
         _positive("first_stage_candidates", self.first_stage_candidates)
+        _positive("first_stage_ef_search", self.first_stage_ef_search)
         _positive("hnsw_neighbors", self.hnsw_neighbors)
         _positive("hnsw_ef_search", self.hnsw_ef_search)
         if not isinstance(self.nlist, int) or self.nlist < 0:
@@ -199,7 +211,12 @@ class IndexConfig:
         """twostage: the config of the faiss structure over the fp16 sketches."""
         if self.search != "twostage":
             raise ValueError(f"IndexConfig.search={self.search!r} has no first stage.")
-        return dataclasses.replace(self, search=self.first_stage_search, storage="fp16")
+        return dataclasses.replace(
+            self,
+            search=self.first_stage_search,
+            storage="fp16",
+            hnsw_ef_search=max(self.first_stage_ef_search, self.first_stage_candidates),
+        )
 
     def needs_calibration(self) -> bool:
         """Whether building needs a first pass over the calibration examples."""

@@ -8,6 +8,8 @@ faiss's "direct" int8 codec would round the query to integers too). The search r
 approximate structures for very large N (their recall against flat is measured, never
 assumed). Proponents are the largest inner products; opponents the largest with the
 negated query. A GPU copy is used when faiss sees a GPU and supports the structure there.
+`flat_over_stored` scores chosen stored rows exactly as `flat` would (the second stage of
+search="twostage", whose first stage is one of these structures over sketches).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import hashlib
 import math
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -43,6 +44,10 @@ from .config import IndexConfig
 from .search import SearchIndex, flat_over_stored
 
 __all__ = ["FirstStageProjection", "TwoStageSearch", "principal_directions"]
+
+# Candidates scored in two threads from this many rows on (fewer: one call is quicker).
+_PARALLEL_ROWS = 512
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fastinf-twostage")
 
 # Directions whose eigenvalue is below this share of the largest carry no energy of the
 # fitted vectors (fewer independent vectors than first_stage_dim): their rows of P are 0.
@@ -194,7 +199,7 @@ class TwoStageSearch:
             # efSearch per call (not set on the shared structure): concurrent searches with
             # other candidate counts do not interfere.
             params = faiss.SearchParametersHNSW()
-            params.efSearch = max(self.config.hnsw_ef_search, count)
+            params.efSearch = max(self.config.first_stage_ef_search, count)
             rows = self.first_stage.cpu_index.search(both, count, params=params)[1]
         else:
             rows = self.first_stage.search(both, count)[1]
@@ -202,12 +207,31 @@ class TwoStageSearch:
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Stored values [len(rows), width] of sorted distinct rows, read from the shards."""
+        first = self.shards[0]
+        out = np.empty((len(rows), first.shape[1]), dtype=first.dtype)
         shard = np.searchsorted(self.starts, rows, side="right") - 1
-        parts = []
-        for which in np.unique(shard):
-            local = rows[shard == which] - self.starts[which]
-            parts.append(self.shards[which][local])
+        bounds = np.flatnonzero(np.diff(shard)) + 1
+        for begin, end in zip([0, *bounds], [*bounds, len(rows)], strict=True):
+            which = shard[begin]
+            np.take(
+                self.shards[which], rows[begin:end] - self.starts[which], axis=0, out=out[begin:end]
+            )
+        return out
+
+    def stored_scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """⟨query, stored value⟩ [len(rows)] float32 of sorted distinct rows, computed by the
+        flat search's kernel; two halves in parallel threads (faiss runs one query on one
+        thread)."""
+        halves = [rows] if len(rows) < _PARALLEL_ROWS else np.array_split(rows, 2)
+        parts = list(_POOL.map(lambda part: self._scores(query, part), halves))
         return np.concatenate(parts)
+
+    def _scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        flat = flat_over_stored(self.config, self.projection.dim, self.gather(rows), self.scale)
+        scores, order = flat.search(query[None, :], len(rows))
+        out = np.empty(len(rows), dtype=np.float32)
+        out[order[0]] = scores[0]
+        return out
 
     def search(
         self, queries: np.ndarray, k: int, candidates: int | None = None
@@ -232,13 +256,14 @@ class TwoStageSearch:
             found = found[found >= 0]
             if found.size == 0:
                 continue
-            stored = self.gather(found)
-            flat = flat_over_stored(self.config, self.projection.dim, stored, self.scale)
-            scores, order = flat.search(queries[row : row + 1], found.size)
+            scores = self.stored_scores(queries[row], found)
+            # Descending score, ties by row (as the flat search orders them).
+            order = np.lexsort((found, -scores))
             width = min(k, found.size)
-            out[0][0][row, :width] = scores[0, :width]
-            out[0][1][row, :width] = found[order[0, :width]]
+            out[0][0][row, :width] = scores[order[:width]]
+            out[0][1][row, :width] = found[order[:width]]
             # Opponents: the lowest ⟨q, v⟩ (exactly −⟨−q, v⟩), lowest first.
-            out[1][0][row, :width] = -scores[0, ::-1][:width]
-            out[1][1][row, :width] = found[order[0, ::-1][:width]]
+            order = np.lexsort((found, scores))
+            out[1][0][row, :width] = -scores[order[:width]]
+            out[1][1][row, :width] = found[order[:width]]
         return out
