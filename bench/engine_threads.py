@@ -80,11 +80,13 @@ def _one(engine, query):
 
 VARIANTS = {
     "one after another": off_main_thread(run_sequential),
+    "one after another, main thread": run_sequential,
     f"{THREADS} threads, concurrent": run_threads,
     f"{THREADS} threads, one lock": lambda engine, queries: run_threads(
         engine, queries, threading.Lock()
     ),
     f"one batched call of {QUERIES}": off_main_thread(run_batched),
+    f"one batched call of {QUERIES}, main thread": run_batched,
 }
 
 

@@ -9,8 +9,10 @@ For each setup it starts its own server (`python -m fastinf serve --port <free p
 127.0.0.1, the digits default), waits for `/healthz`, warms it up, then for 1, 4 and 16
 clients sends a bounded number of `POST /v1/topk` requests, each client back-to-back
 (closed loop, one keep-alive `httpx.Client` per thread), and stops the server it started
-(by its PID). Setups: `search` (index, `--exact-rerank 0`), `rerank` (index, its default
-bounded re-rank), `exact` (`--no-index`: about a minute per batch, so few requests).
+(by its PID). Setups: `search` (index, `--exact-rerank 0`), `search_worker` (the same,
+scoring on a worker thread instead of the main one, `--score-thread worker`), `rerank`
+(index, its default bounded re-rank), `exact` (`--no-index`: about a minute per batch, so
+few requests).
 
 Queries are 32 distinct DDPM samples of the model (`sample_ddpm`, seed 11, 50 steps; cached
 in `.fastinf_cache/`), sent as JSON nested lists encoded once beforehand. Per (setup,
@@ -52,6 +54,10 @@ from PIL import Image
 # name: (what the summary calls it, server flags)
 CONFIGS = {
     "search": ("index, search only", ["--exact-rerank", "0"]),
+    "search_worker": (
+        "index, search only, scoring on a worker thread",
+        ["--exact-rerank", "0", "--score-thread", "worker"],
+    ),
     "rerank": ("index, default bounded re-rank", []),
     "exact": ("no index (exact scoring)", ["--no-index"]),
 }
@@ -60,10 +66,12 @@ CLIENTS = (1, 4, 16)
 # batch of up to 16, so each of its levels is about two batches.
 REQUESTS = {
     "search": ({1: 32, 4: 64, 16: 128}, {1: 8, 4: 16, 16: 32}),
+    "search_worker": ({1: 32, 4: 64, 16: 128}, {1: 8, 4: 16, 16: 32}),
     "rerank": ({1: 16, 4: 32, 16: 64}, {1: 4, 4: 8, 16: 16}),
     "exact": ({1: 2, 4: 8, 16: 32}, {1: 1, 4: 4, 16: 16}),
 }
-WARMUP = {"search": 8, "rerank": 4, "exact": 0}  # sequential, then one burst of 16
+# Sequential warm-up requests, then one burst of 16.
+WARMUP = {"search": 8, "search_worker": 8, "rerank": 4, "exact": 0}
 MALFORMED_REQUESTS = ({4: 80, 16: 160}, {4: 20, 16: 40})
 MEMORY_REQUESTS = (2000, 200)
 MALFORMED_EVERY = 10  # every tenth request
@@ -365,7 +373,7 @@ def targets(rows: list[dict]) -> list[dict]:
     errors = sum(int(row["errors"]) for row in rows)
     check("0 errors (valid not 200, malformed not 4xx), all runs", errors, errors == 0)
     load = {(row["config"], row["clients"]): row for row in rows if row["kind"] == "load"}
-    for name in ("search", "rerank"):
+    for name in ("search", "search_worker", "rerank"):
         if (name, 1) in load:
             p50 = load[name, 1]["p50_ms"]
             check(

@@ -384,7 +384,8 @@ def _cmd_serve(args) -> int:
         f"http://{args.host}:{args.port}/ (Ctrl-C stops)",
         flush=True,
     )
-    serve(create_app(engine, config), args.host, args.port)
+    app = create_app(engine, config, batch_thread=config.score_thread == "worker")
+    serve(app, args.host, args.port)
     return 0
 
 
@@ -524,6 +525,7 @@ SERVICE_OPTIONS = {
     "timeout_s": dict(type=nonnegative_float),
     "max_body_bytes": dict(type=positive_int),
     "exact_rerank": dict(type=nonnegative_int),
+    "score_thread": dict(choices=["main", "worker"]),
     "thumbnail_scale": dict(type=positive_int),
     "generate_steps": dict(type=positive_int),
 }

@@ -52,7 +52,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_serve_answers_on_the_users_setup_and_stops_on_sigterm(tmp_path):
+@pytest.mark.parametrize(
+    "score_thread, stop", [("main", signal.SIGTERM), ("worker", signal.SIGINT)]
+)
+def test_serve_answers_on_the_users_setup_and_stops_on_a_signal(tmp_path, score_thread, stop):
     save_unet(tiny_unet().float(), tmp_path / "unet.safetensors", {"schedule": SCHEDULE})
     data = random_dataset(6, (1, 4, 4), seed=2, dtype=torch.float32)
     save_file({"images": data.images}, str(tmp_path / "train.safetensors"))
@@ -63,7 +66,7 @@ def test_serve_answers_on_the_users_setup_and_stops_on_sigterm(tmp_path):
     port = _free_port()
     command = [sys.executable, "-m", "fastinf", "serve", *model, "--curvature"]
     command += [str(tmp_path / "curv"), "--port", str(port), "--train-draws", "2"]
-    command += ["--query-draws", "2", "--default-k", "2"]
+    command += ["--query-draws", "2", "--default-k", "2", "--score-thread", score_thread]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -82,7 +85,7 @@ def test_serve_answers_on_the_users_setup_and_stops_on_sigterm(tmp_path):
         assert answer["scorer"] == "exact" and len(answer["proponents"]) == 2
         info = httpx.get(f"{url}/v1/info", timeout=10).json()
         assert info["train_examples"] == 6 and info["score_config"]["train_draws"] == 2
-        server.send_signal(signal.SIGTERM)
+        server.send_signal(stop)
         output, _ = server.communicate(timeout=60)
     finally:
         if server.poll() is None:

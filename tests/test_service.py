@@ -384,3 +384,24 @@ def test_batcher_groups_bounds_and_survives_a_failing_handler():
         failing.result(10)
     assert batcher.submit(21).result(10) == 42  # the worker lives on
     batcher.close()
+
+
+def test_a_batcher_without_a_thread_scores_on_the_thread_that_runs_it():
+    ran_on = []
+
+    def handle(items):
+        ran_on.append(threading.current_thread())
+        return [item + 1 for item in items]
+
+    batcher = MicroBatcher(handle, thread=False)
+    assert not batcher.alive
+    queued = batcher.submit(1)  # waits until a thread runs the loop
+    loop = threading.Thread(target=batcher.run, name="chosen")
+    loop.start()
+    assert queued.result(10) == 2 and batcher.alive
+    with pytest.raises(RuntimeError, match="already running"):
+        batcher.run()
+    batcher.close(timeout=10)
+    loop.join(10)
+    assert not loop.is_alive() and not batcher.alive
+    assert {thread.name for thread in ran_on} == {"chosen"}

@@ -22,6 +22,7 @@ import base64
 import dataclasses
 import json
 import logging
+import signal
 import threading
 import time
 import warnings
@@ -118,9 +119,17 @@ class Service:
     Args:
         engine: a loaded `InfluenceEngine` (curvature fitted or loaded, index optional).
         config: `ServiceConfig`.
+        batch_thread: score on a worker thread of the batcher's own; False: whoever
+            calls `self.batcher.run()` scores (`serve` does, on the main thread).
     """
 
-    def __init__(self, engine: InfluenceEngine, config: ServiceConfig | None = None):
+    def __init__(
+        self,
+        engine: InfluenceEngine,
+        config: ServiceConfig | None = None,
+        *,
+        batch_thread: bool = True,
+    ):
         if engine.curvature is None:
             raise ValueError("the engine has no curvature; fit or load one before serving.")
         self.engine = engine
@@ -134,6 +143,7 @@ class Service:
             window_s=self.config.batch_window_ms / 1000,
             max_queue=self.config.max_queue,
             on_batch=lambda stats: self.metrics.on_batch(stats),
+            thread=batch_thread,
         )
         self.metrics = _Metrics(lambda: self.batcher.depth)
         self._generate_lock = threading.Lock()
@@ -391,9 +401,14 @@ def _route_name(request: Request) -> str:
     return getattr(route, "path", "unmatched")  # unknown paths share one label
 
 
-def create_app(engine: InfluenceEngine, config: ServiceConfig | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` (see the module docstring for the routes)."""
-    service = Service(engine, config)
+def create_app(
+    engine: InfluenceEngine, config: ServiceConfig | None = None, *, batch_thread: bool = True
+) -> FastAPI:
+    """The FastAPI app serving `engine` (see the module docstring for the routes).
+
+    batch_thread=False leaves the scoring loop to the caller (`serve` runs it on the main
+    thread); with True (tests, embedding the app elsewhere) a worker thread scores."""
+    service = Service(engine, config, batch_thread=batch_thread)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -431,7 +446,7 @@ def create_app(engine: InfluenceEngine, config: ServiceConfig | None = None) -> 
 
     @app.get("/healthz")
     async def healthz():
-        alive = service.batcher._worker.is_alive()
+        alive = service.batcher.alive
         return JSONResponse(
             {"status": "ok" if alive else "worker stopped", "queue_depth": service.batcher.depth},
             status_code=200 if alive else 503,
@@ -533,7 +548,37 @@ def create_app(engine: InfluenceEngine, config: ServiceConfig | None = None) -> 
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run `app` with uvicorn until interrupted (one process: the engine is shared)."""
+    """Run `app` with uvicorn until interrupted (one process: the engine is shared).
+
+    An app made with `batch_thread=False` scores on this (the main) thread while uvicorn
+    answers HTTP on another; Ctrl-C or SIGTERM stops both, after the batch in progress."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    batcher = app.state.service.batcher
+    if batcher.alive:  # it has a worker thread of its own
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+        return
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False)
+    )
+    http = threading.Thread(target=server.run, name="fastinf-http", daemon=True)
+
+    def on_signal(signum, frame):
+        # Closed from another thread: this handler may run while the main thread holds the
+        # queue's lock. The batch in progress finishes, then the scoring loop returns.
+        threading.Thread(target=batcher.close, kwargs={"timeout": 0}, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        # The loop returns when a signal closes the batcher, or when the server stops on its
+        # own (a port in use): the watcher closes the batcher then.
+        threading.Thread(
+            target=lambda: (http.join(), batcher.close(timeout=0)), daemon=True
+        ).start()
+        batcher.run()
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

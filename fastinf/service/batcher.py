@@ -4,11 +4,15 @@
     future = batcher.submit(item)      # QueueFull when `max_queue` items already wait
     result = future.result()           # or the item's own exception
 
-One worker thread takes the oldest waiting item, keeps collecting until `window_s` has
+One worker takes the oldest waiting item, keeps collecting until `window_s` has
 passed since it arrived or `max_batch` items are together, and hands the batch to
 `handle(items) -> list[result | BaseException]`, one entry per item. A handler that raises
 fails every item of its batch with that error; the worker itself never dies. Items whose
 future was cancelled while waiting (their request timed out) are dropped unscored.
+
+The worker is a thread of its own, or, with `thread=False`, whichever thread calls `run()`
+(`fastinf serve` scores on the main thread: torch ran the same engine calls ~20-30% slower
+from another thread on a 2-core CPU, `bench/engine_threads.py`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class MicroBatcher:
         window_s: how long the first item of a batch waits for others to join it.
         max_queue: the most items waiting; `submit` raises `QueueFull` beyond it.
         on_batch: called with `BatchStats` after each batch (metrics).
+        thread: start a worker thread; False: the owner calls `run()` on a thread of its own
+            choosing (it returns once `close()` is called).
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class MicroBatcher:
         window_s: float = 0.005,
         max_queue: int = 64,
         on_batch: Callable[[BatchStats], None] | None = None,
+        thread: bool = True,
     ):
         if max_batch < 1 or max_queue < 1 or window_s < 0:
             raise ValueError(
@@ -77,8 +84,18 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=max_queue)
         self._closed = threading.Event()
-        self._worker = threading.Thread(target=self._run, name="fastinf-batcher", daemon=True)
-        self._worker.start()
+        self._running = threading.Event()  # set while a worker loop runs (or is about to)
+        self._stopped = threading.Event()  # set once the worker loop has returned
+        self._worker: threading.Thread | None = None
+        if thread:
+            self._running.set()
+            self._worker = threading.Thread(target=self.run, name="fastinf-batcher", daemon=True)
+            self._worker.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether a worker loop is taking batches (for health checks)."""
+        return self._running.is_set() and not self._stopped.is_set()
 
     @property
     def depth(self) -> int:
@@ -109,7 +126,10 @@ class MicroBatcher:
                 pending.future.cancel()
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)  # wakes the worker if it is idle
-        self._worker.join(timeout)
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout)
+        elif self._running.is_set():
+            self._stopped.wait(timeout)
 
     def _collect(self, first: _Pending) -> list[_Pending]:
         batch = [first]
@@ -127,7 +147,19 @@ class MicroBatcher:
             batch.append(pending)
         return batch
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The worker loop: score batches until `close()`. Runs on the worker thread, or
+        on the caller's thread when the batcher was made with `thread=False`."""
+        if self._worker is None:
+            if self._running.is_set():
+                raise RuntimeError("the batcher's loop is already running.")
+            self._running.set()
+        try:
+            self._loop()
+        finally:
+            self._stopped.set()
+
+    def _loop(self) -> None:
         while not self._closed.is_set():
             first = self._queue.get()
             if first is None:

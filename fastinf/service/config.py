@@ -33,6 +33,13 @@ class ServiceConfig:
         default=None,
         metadata={"help": "with an index: candidates re-scored exactly (None: the index's own)"},
     )
+    score_thread: str = field(
+        default="main",
+        metadata={
+            "help": "fastinf serve: score on the main thread (HTTP on another), or on a "
+            "worker thread (bench/engine_threads.py compares them)"
+        },
+    )
     thumbnail_scale: int = field(default=8, metadata={"help": "thumbnail upscaling factor"})
     generate_steps: int = field(
         default=100, metadata={"help": "denoising steps of POST /v1/generate"}
@@ -44,5 +51,7 @@ class ServiceConfig:
                 raise ValueError(f"ServiceConfig.{name}={getattr(self, name)} must be >= 1.")
         if not 1 <= self.default_k <= self.k_max:
             raise ValueError(f"default_k={self.default_k} must be in 1..k_max={self.k_max}.")
+        if self.score_thread not in ("main", "worker"):
+            raise ValueError(f"score_thread={self.score_thread!r} must be 'main' or 'worker'.")
         if self.batch_window_ms < 0 or self.timeout_s <= 0:
             raise ValueError("batch_window_ms must be >= 0 and timeout_s > 0.")
