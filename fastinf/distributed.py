@@ -24,6 +24,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "broadcast_tensors",
+    "contiguous",
     "init_distributed",
     "merge_topk",
     "owned",
@@ -80,6 +81,15 @@ def owned(items: Sequence[Item], rank: int, world: int) -> list[Item]:
     and every item belongs to exactly one rank.
     """
     return list(items[rank::world])
+
+
+def contiguous(items: Sequence[Item], rank: int, world: int) -> list[Item]:
+    """The items rank `rank` of `world` works on: its slice of `items` cut in `world`
+    consecutive parts (sizes within one of each other). Items in dataset order keep each
+    rank to its own stretch of the data (its own tar shards, when the data is stored so).
+    """
+    count = len(items)
+    return list(items[rank * count // world : (rank + 1) * count // world])
 
 
 def all_gather_objects(value) -> list:

@@ -27,7 +27,7 @@ from fastinf.config import CurvatureConfig
 from fastinf.curvature import STRATEGIES, EigenbasisCurvature
 from fastinf.curvature.passes import PROGRESS_DIR
 from fastinf.diffusion import NoiseSchedule
-from fastinf.distributed import init_distributed
+from fastinf.distributed import contiguous, init_distributed
 from fastinf.engine import InfluenceEngine
 from fastinf.models import save_unet
 
@@ -200,3 +200,13 @@ def _worker_main(work: str) -> None:
 
 if __name__ == "__main__":
     _worker_main(*sys.argv[1:])
+
+
+@pytest.mark.parametrize("count, world", [(0, 2), (1, 3), (7, 2), (4096, 3), (10, 10)])
+def test_each_rank_fits_one_consecutive_stretch_of_a_chunk(count, world):
+    items = list(range(100, 100 + count))
+    shares = [contiguous(items, rank, world) for rank in range(world)]
+    assert [item for share in shares for item in share] == items  # each once, in order
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    for share in filter(None, shares):
+        assert share == list(range(share[0], share[0] + len(share)))

@@ -6,9 +6,10 @@ the ranks' sums are combined and checkpointed (DESIGN §2 step 1, §4).
 - **Chunks.** A pass (the K-FAC factors, the EK-FAC eigenvalues, TRAK's sketched Fisher)
   goes through the examples in fixed chunks of `CurvatureConfig.chunk_examples`, in order.
   The chunks do not depend on the number of ranks.
-- **Ranks.** Under torch.distributed each rank runs its share of every chunk
-  (`GradientSource.share`: every W-th example). Draws are seeded per example, so an
-  example's contribution is the same whichever rank runs it.
+- **Ranks.** Under torch.distributed each rank runs its share of every chunk: its
+  consecutive W-th of the chunk (`distributed.contiguous`), so a rank reads one stretch of
+  stored data (its own tar shards) rather than every shard. Draws are seeded per example,
+  so an example's contribution is the same whichever rank runs it.
 - **Sums.** A strategy accumulates float64 sums of its chunk share; at the end of each chunk
   they are all-reduced (every rank gets the same bits) and added to the pass's totals, in
   chunk order. The totals are therefore the same whether a pass runs in one go or is
@@ -41,6 +42,7 @@ from ..distributed import (
     barrier,
     broadcast_object,
     broadcast_tensors,
+    contiguous,
     rank_world,
 )
 from ..locks import writer_lock
@@ -177,7 +179,8 @@ class FitPasses:
             (begin, min(begin + self.chunk_examples, self.num_examples))
             for begin in range(start, self.num_examples, self.chunk_examples)
         ]
-        shares = [self.source.share(self.examples[begin:end]) for begin, end in bounds]
+        rank, world = rank_world()
+        shares = [contiguous(self.examples[begin:end], rank, world) for begin, end in bounds]
         for value in sums.values():
             value.zero_()
         finished = iter(zip(bounds, shares, strict=True))
