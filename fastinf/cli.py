@@ -129,7 +129,9 @@ def _engine(args, config: ScoreConfig | None = None):
             )
     else:
         data = load_digits_dataset()
-    return InfluenceEngine(model, schedule, data, config=config, verify=args.verify)
+    return InfluenceEngine(
+        model, schedule, data, config=config, verify=args.verify, layers=args.layers
+    )
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +145,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "shards (KEY.png/.jpg, optional KEY.cls label), as a folder of .tar files or a pattern "
         "such as 'data/shard-{000000..000099}.tar', streamed at the model's sample shape "
         "(default: scikit-learn digits)",
+    )
+    parser.add_argument(
+        "--layers",
+        help="the layers to attribute, as comma-separated name globs, e.g. '*attentions*' or "
+        "'up_blocks.*' (default: every trainable Linear/Conv2d; a curvature or index is "
+        "made for one choice and refused with another)",
     )
     parser.add_argument(
         "--verify",
@@ -202,6 +210,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_fit(args) -> int:
+    from .curvature.memory import memory_report
     from .distributed import init_distributed
 
     # Under torchrun the ranks share the examples; rank 0 holds the lock and writes.
@@ -218,7 +227,10 @@ def _cmd_fit(args) -> int:
         fraction=args.fraction,
         max_examples=args.max_examples,
         chunk_examples=args.chunk_examples,
+        max_layer_bytes=args.max_layer_bytes,
     )
+    if rank == 0 and config.strategy in ("ekfac", "kfac"):
+        print(memory_report(engine.layers), flush=True)
     start = time.perf_counter()
     with writer_lock(args.out, "fastinf fit") if rank == 0 else contextlib.nullcontext():
         if rank == 0:
@@ -632,6 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=_help(CurvatureConfig, "chunk_examples")
         + "; a resumed fit keeps the chunks it was started with",
     )
+    fit.add_argument(
+        "--max-layer-bytes",
+        type=positive_int,
+        default=CurvatureConfig.max_layer_bytes,
+        help=_help(CurvatureConfig, "max_layer_bytes"),
+    )
     fit.add_argument("--force", action="store_true", help="replace a curvature already in --out")
     fit.set_defaults(run=_cmd_fit)
 
@@ -899,10 +917,10 @@ def check_arguments(args: argparse.Namespace) -> None:
                     flag = "--" + option.replace("_", "-")
                     raise ValueError(f"{flag} needs --index (it re-ranks an index's candidates).")
     if command == "serve":
-        if (args.weights or args.data) and args.curvature is None:
+        if (args.weights or args.data or args.layers) and args.curvature is None:
             raise ValueError(
-                "--weights/--data need --curvature (fit one with `fastinf fit --weights ... "
-                "--data ... --out DIR`)."
+                "--weights/--data/--layers need --curvature (fit one with `fastinf fit "
+                "--weights ... --data ... --layers ... --out DIR`)."
             )
         if args.index:
             _existing_artifact(args.index, "--index", "index.json", "fastinf index")

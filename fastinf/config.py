@@ -102,6 +102,13 @@ class CurvatureConfig:
             "granularity only)"
         },
     )
+    max_layer_bytes: int | None = field(
+        default=1 << 30,
+        metadata={
+            "help": "EK-FAC/K-FAC: refuse, before any pass, a layer whose float64 state "
+            "(factors, eigenbases, eigenvalues) exceeds this many bytes (None: no limit)"
+        },
+    )
 
     def __post_init__(self) -> None:
         owner = "CurvatureConfig"
@@ -125,6 +132,8 @@ class CurvatureConfig:
         if self.max_examples is not None:
             _check_positive(owner, "max_examples", self.max_examples)
         _check_positive(owner, "chunk_examples", self.chunk_examples)
+        if self.max_layer_bytes is not None:
+            _check_positive(owner, "max_layer_bytes", self.max_layer_bytes)
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that change the fitted curvature (the subset fields only when set, so
@@ -136,7 +145,7 @@ class CurvatureConfig:
         }
 
 
-_SPEED_FIELDS = ("batch_size", "chunk_examples")
+_SPEED_FIELDS = ("batch_size", "chunk_examples", "max_layer_bytes")
 _SUBSET_FIELDS = ("fraction", "max_examples")
 
 

@@ -36,6 +36,7 @@ from .index.build import build_index
 from .index.config import IndexConfig
 from .index.index import TrainingIndex
 from .index.scorer import IndexScorer
+from .layers import LayerSelect
 from .queries import QueryCache, QueryPreparer
 from .scoring import ExactScorer, InfluenceResult, Scorer
 from .source import GradientSource, LayerGrads
@@ -47,10 +48,12 @@ class InfluenceEngine:
     """Model + noise schedule + training set + fitted curvature, ready to attribute queries.
 
     Args:
-        model, schedule, train_set, config, sample_shape, num_workers, verify: what the gradient
-            source is built on (`fastinf.source.GradientSource`): an ε-prediction model or a
-            diffusers `UNet2DModel`, its noise schedule, a map-style Dataset of
-            `(image, cond)` items, the draws and damping (`ScoreConfig`).
+        model, schedule, train_set, config, sample_shape, num_workers, verify, layers: what
+            the gradient source is built on (`fastinf.source.GradientSource`): an
+            ε-prediction model or a diffusers `UNet2DModel`, its noise schedule, a
+            map-style Dataset of `(image, cond)` items, the draws and damping
+            (`ScoreConfig`), and which layers are attributed (None: every trainable
+            Linear/Conv2d; name globs such as "*attn*"; or a predicate).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class InfluenceEngine:
         sample_shape: tuple[int, int, int] | None = None,
         num_workers: int = 0,
         verify: str | None = None,
+        layers: LayerSelect = None,
     ):
         self.source = GradientSource(
             model,
@@ -72,6 +76,7 @@ class InfluenceEngine:
             sample_shape=sample_shape,
             num_workers=num_workers,
             verify=verify,
+            layers=layers,
         )
         self.curvature: Curvature | None = None
         self.index: TrainingIndex | None = None  # searched by `score` while loaded

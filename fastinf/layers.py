@@ -1,10 +1,12 @@
 """Which layers carry curvature, and capture of their inputs and output-gradients (DESIGN §1).
 
-Tracked: every `nn.Linear` and `nn.Conv2d` (matched with `isinstance`, so subclasses and
-attention projections count), weight and bias as separate blocks. Everything else —
-normalisation layers (GroupNorm, LayerNorm, BatchNorm), embeddings, other parameters — is
-excluded from both the curvature and the gradients, so scores are over the tracked
-parameters only.
+Tracked: every `nn.Linear` and `nn.Conv2d` with a trainable weight (matched with
+`isinstance`, so subclasses, attention projections and LoRA's `lora_A` / `lora_B` count),
+weight and bias as separate blocks. Frozen layers (a peft model's base layers) are not part
+of θ. Everything else — normalisation layers (GroupNorm, LayerNorm, BatchNorm), embeddings,
+other parameters — is excluded from both the curvature and the gradients, so scores are
+over the tracked parameters only. `find_layers(model, select)` narrows them further: name
+globs (`"*attn2*"`, `"unet.up_blocks.*"`) or a predicate `(name, module) -> bool`.
 
 For one forward/backward pass over n items, a tracked layer delivers a `LayerCall`: its
 rows `act` [n, R, d_in] (layer inputs, unfolded for convolutions) and `grad` [n, R, d_out]
@@ -16,8 +18,9 @@ see the whole gradient.
 
 from __future__ import annotations
 
+import fnmatch
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerCall", "LayerInfo", "capture_layers", "find_layers", "layer_rows"]
+__all__ = [
+    "LayerCall",
+    "LayerInfo",
+    "LayerSelect",
+    "capture_layers",
+    "find_layers",
+    "layer_rows",
+]
 
 EXCLUDED_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
@@ -59,17 +69,29 @@ def _check_conv(name: str, conv: nn.Conv2d) -> None:
         )
 
 
-def find_layers(model: nn.Module) -> dict[str, LayerInfo]:
-    """All tracked layers of `model` with trainable weights, keyed by module name, in order.
+LayerSelect = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
+"""Which layers to track: None (all), name globs, or a predicate (name, module) -> bool."""
+
+
+def find_layers(model: nn.Module, select: LayerSelect = None) -> dict[str, LayerInfo]:
+    """The tracked layers of `model` with trainable weights, keyed by module name, in order.
 
     Frozen layers (weight.requires_grad False) are skipped: they are not part of θ.
+
+    Args:
+        select: None keeps every one. Glob patterns (`fnmatch`, case-sensitive; a string
+            may hold several, comma-separated) keep the layers whose name matches any of
+            them; a pattern also matches the name without the prefix of fastinf's own
+            wrapper (`model.layer_prefix`, "unet." for a diffusers UNet), so
+            "up_blocks.*" and "unet.up_blocks.*" both work. A pattern that matches no
+            trainable layer is an error that lists the names. A callable
+            `select(name, module) -> bool` keeps the layers it returns True for.
     """
     layers: dict[str, LayerInfo] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             kind, d_in = "linear", module.in_features
         elif isinstance(module, nn.Conv2d):
-            _check_conv(name, module)
             kind = "conv2d"
             d_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
         else:
@@ -83,7 +105,56 @@ def find_layers(model: nn.Module) -> dict[str, LayerInfo]:
             "the model has no trainable nn.Linear or nn.Conv2d layers; fastinf attributes "
             "through those layers only."
         )
+    if select is not None:
+        layers = _select(layers, select, getattr(model, "layer_prefix", ""))
+    for name, info in layers.items():
+        if info.kind == "conv2d":
+            _check_conv(name, info.module)
     return layers
+
+
+def _select(layers: dict[str, LayerInfo], select, prefix: str) -> dict[str, LayerInfo]:
+    if callable(select):
+        chosen = {name: info for name, info in layers.items() if select(name, info.module)}
+        if not chosen:
+            raise ValueError(
+                "the layer predicate kept none of the model's trainable layers "
+                f"({_listed(layers)}); make it return True for at least one."
+            )
+        return chosen
+    patterns = _patterns(select)
+    if not patterns:
+        raise ValueError("the layer selection names no pattern; pass globs such as '*attn2*'.")
+
+    def names(name: str) -> tuple[str, ...]:
+        return (name, name[len(prefix) :]) if prefix and name.startswith(prefix) else (name,)
+
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(alias, pattern) for n in layers for alias in names(n)):
+            raise ValueError(
+                f"layer pattern {pattern!r} matches none of the model's trainable layers "
+                f"({_listed(layers)}); fix the pattern (globs: * ? [..]) or leave it out."
+            )
+    return {
+        name: info
+        for name, info in layers.items()
+        if any(fnmatch.fnmatchcase(alias, p) for p in patterns for alias in names(name))
+    }
+
+
+def _patterns(select: str | Sequence[str]) -> list[str]:
+    items = [select] if isinstance(select, str) else list(select)
+    if not all(isinstance(item, str) for item in items):
+        raise TypeError(
+            f"layers must be glob strings or a callable (name, module) -> bool, got {select!r}."
+        )
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def _listed(layers: dict[str, LayerInfo], shown: int = 6) -> str:
+    names = list(layers)
+    more = f", … {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} of them: " + ", ".join(names[:shown]) + more
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:

@@ -52,6 +52,9 @@ class DiffusersEpsModel(nn.Module):
         unet: an ε-predicting `UNet2DModel`, unconditional or class-conditional.
     """
 
+    # Layer globs may leave this out (`fastinf.layers.find_layers`).
+    layer_prefix = "unet."
+
     def __init__(self, unet: UNet2DModel):
         super().__init__()
         self.unet = unet

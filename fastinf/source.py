@@ -39,7 +39,7 @@ from .gradients import (
     example_blocks,
     run_block,
 )
-from .layers import LayerInfo, capture_layers, find_layers
+from .layers import LayerInfo, LayerSelect, capture_layers, find_layers
 from .models import as_eps_model, eval_mode
 from .progress import progress_bar
 
@@ -64,6 +64,10 @@ class GradientSource:
         num_workers: DataLoader workers for streaming the training set.
         verify: how the training set is fingerprinted for provenance: "full" (every item),
             "sample" (64 items) or None (full up to `artifacts.FULL_VERIFY_LIMIT` items).
+        layers: which layers are attributed (`fastinf.layers.find_layers`): None for every
+            trainable Linear/Conv2d, name globs, or a predicate (name, module) -> bool.
+            The chosen names are part of the provenance, so a curvature or an index made
+            for other layers is refused.
 
     Every pass runs with the model in eval mode (restored afterwards).
     """
@@ -78,13 +82,14 @@ class GradientSource:
         sample_shape: tuple[int, int, int] | None = None,
         num_workers: int = 0,
         verify: str | None = None,
+        layers: LayerSelect = None,
     ):
         self.model = as_eps_model(model)
         self.schedule = schedule
         self.train_set = train_set
         self.config = config or ScoreConfig()
         self.num_workers = num_workers
-        self.layers: dict[str, LayerInfo] = find_layers(self.model)
+        self.layers: dict[str, LayerInfo] = find_layers(self.model, layers)
         first = train_set[0]
         first_image = first[0] if isinstance(first, (tuple, list)) else first
         self.sample_shape = tuple(

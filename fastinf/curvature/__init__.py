@@ -36,6 +36,7 @@ from .base import (
     require_eigenbasis,
 )
 from .kfac import as_kfac
+from .memory import check_layer_memory
 from .passes import FitPasses, open_passes
 from .trak import SketchedCurvature
 
@@ -85,9 +86,12 @@ def fit_curvature(
     (the progress of another fit there is an `ArtifactMismatchError`); the progress is kept
     afterwards (`passes.finish_fit` writes the curvature and deletes it).
 
-    Returns the strategy's `Curvature` on the model's device.
+    Returns the strategy's `Curvature` on the model's device. EK-FAC and K-FAC refuse
+    first a layer over `config.max_layer_bytes` (`memory.check_layer_memory`).
     """
     config = config or CurvatureConfig()
+    if config.strategy in ("ekfac", "kfac"):  # Kronecker factors and their eigenbases
+        check_layer_memory(source.layers, config.max_layer_bytes)
     with eval_mode(source.model), open_passes(source, config, indices, checkpoint_dir) as passes:
         return STRATEGIES[config.strategy].fit(source, config, passes)
 
