@@ -21,6 +21,7 @@ __all__ = [
     "UNCONDITIONAL",
     "DigitsDataset",
     "ImageTensorDataset",
+    "TextStatesDataset",
     "batch_cond",
     "load_digits_dataset",
     "validate_images",
@@ -177,6 +178,46 @@ class ImageTensorDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor | int]:
         cond = self.labels[index] if self.conditional else UNCONDITIONAL
         return self.images[index], cond
+
+
+class TextStatesDataset(Dataset):
+    """Images (or latents) with per-item conditioning tensors, e.g. the text encoder's
+    hidden states of each caption, for a cross-attention model.
+
+    Args:
+        images: [N, C, H, W] floating tensor.
+        states: [N, L, D] floating tensor: item i's conditioning (its caption encoded).
+    Items are `(image [C, H, W], states [L, D])`.
+    """
+
+    def __init__(self, images: Tensor, states: Tensor):
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise ValueError("images must be a tensor [N, C, H, W]; stack them into one tensor.")
+        self.images = validate_images(images, tuple(images.shape[1:]))
+        if (
+            not isinstance(states, Tensor)
+            or states.dim() != 3
+            or states.shape[0] != images.shape[0]
+            or not states.is_floating_point()
+        ):
+            got = tuple(states.shape) if isinstance(states, Tensor) else type(states).__name__
+            raise ValueError(
+                f"states must be a float tensor [N={images.shape[0]}, L, D] (one encoded "
+                f"caption per image), got {got}."
+            )
+        if not bool(torch.isfinite(states).all()):
+            raise ValueError("states holds NaN or inf; re-encode the captions.")
+        self.states = states
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.states[index]
 
 
 class DigitsDataset(ImageTensorDataset):

@@ -49,7 +49,8 @@ class DrawSpec:
 
 @dataclass(frozen=True)
 class ExampleBlock:
-    """A block of examples: ids [B] (int64), images [B, C, H, W], cond [B] or None."""
+    """A block of examples: ids [B] (int64), images [B, C, H, W], cond [B] labels, [B, ...]
+    conditioning tensors (e.g. text-encoder states [B, L, D]), or None."""
 
     ids: Tensor
     images: Tensor
@@ -64,8 +65,22 @@ def _collate(items: list) -> tuple[Tensor, Tensor | None]:
         else:
             image, cond = item, UNCONDITIONAL
         images.append(torch.as_tensor(image))
-        conds.append(UNCONDITIONAL if cond is None else int(cond))
-    return torch.stack(images), batch_cond(torch.tensor(conds, dtype=torch.int64))
+        conds.append(UNCONDITIONAL if cond is None else cond)
+    if any(isinstance(cond, Tensor) and cond.dim() > 0 for cond in conds):
+        return torch.stack(images), _stack_states(conds)
+    labels = torch.tensor([int(cond) for cond in conds], dtype=torch.int64)
+    return torch.stack(images), batch_cond(labels)
+
+
+def _stack_states(conds: list) -> Tensor:
+    """Conditioning tensors of one batch (e.g. text states [L, D] each), stacked."""
+    shapes = {tuple(cond.shape) if isinstance(cond, Tensor) else None for cond in conds}
+    if len(shapes) != 1 or None in shapes:
+        raise ValueError(
+            "the items' conditioning tensors must all have one shape, got "
+            f"{sorted(map(str, shapes))}; pad or encode every caption to the same length."
+        )
+    return torch.stack(conds)
 
 
 class _Indexed(Dataset):
@@ -152,7 +167,11 @@ def forward_draws(
     noise = draws.noise.to(images.device).flatten(0, 1)
     timesteps = draws.timesteps.to(images.device).flatten()
     x0 = images.repeat_interleave(num_draws, dim=0)
-    cond = None if block.cond is None else block.cond.repeat_interleave(num_draws).to(images.device)
+    cond = (
+        None
+        if block.cond is None
+        else block.cond.repeat_interleave(num_draws, dim=0).to(images.device)
+    )
     return predict_noise(model, schedule, x0, noise, timesteps, cond), noise, timesteps
 
 
@@ -198,7 +217,7 @@ def backprop_curvature_seed(
         replicated = ExampleBlock(
             block.ids.repeat_interleave(num_pixels),
             block.images.repeat_interleave(num_pixels, dim=0),
-            None if block.cond is None else block.cond.repeat_interleave(num_pixels),
+            None if block.cond is None else block.cond.repeat_interleave(num_pixels, dim=0),
         )
         eps_pred, _, _ = forward_draws(model, schedule, replicated, spec)
         # Item (b, i, k) = direction i of draw k of example b: draws must not depend on i,

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -30,6 +30,7 @@ from .diffusion import NoiseSchedule
 
 __all__ = [
     "DIGITS_WEIGHTS_PATH",
+    "DiffusersCrossAttentionEpsModel",
     "DiffusersEpsModel",
     "as_eps_model",
     "default_schedule",
@@ -98,6 +99,49 @@ class DiffusersEpsModel(nn.Module):
         return self.unet(x_t, timesteps, class_labels=cond).sample
 
 
+class DiffusersCrossAttentionEpsModel(nn.Module):
+    """Adapter giving a diffusers `UNet2DConditionModel` (text-to-image, cross-attention)
+    fastinf's call convention: `cond` is the text encoder's hidden states [B, L, D], passed
+    as `encoder_hidden_states`.
+
+    Args:
+        unet: an ε-predicting `UNet2DConditionModel` (pixels or VAE latents).
+    """
+
+    layer_prefix = "unet."
+    is_conditional = True
+    num_classes = None
+    cond_kind = "states"
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one model input."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, height, width)
+
+    @property
+    def cond_width(self) -> int:
+        """D: the width of the hidden states the cross-attention reads."""
+        width = self.unet.config.cross_attention_dim
+        return width if isinstance(width, int) else width[0]
+
+    def forward(self, x_t: Tensor, timesteps: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Predicted noise ε_θ(x_t, t, c) for text states `cond` [B, L, D]."""
+        if cond is None or cond.dim() != 3 or cond.shape[-1] != self.cond_width:
+            got = None if cond is None else tuple(cond.shape)
+            raise ValueError(
+                f"this UNet cross-attends to text states [B, L, {self.cond_width}] and needs "
+                f"them as cond, got {got}; encode the captions with the pipeline's text "
+                "encoder (one [L, D] tensor per item)."
+            )
+        return self.unet(x_t, timesteps, encoder_hidden_states=cond.to(x_t.dtype)).sample
+
+
 _EVAL_LOCK = threading.Lock()
 # model -> (blocks inside eval_mode now, the mode to restore when the last one leaves)
 _EVAL_DEPTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -127,7 +171,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def as_eps_model(model: nn.Module) -> nn.Module:
-    """Wrap a `UNet2DModel` in `DiffusersEpsModel`; return any other module unchanged.
+    """Wrap a `UNet2DModel` in `DiffusersEpsModel` and a `UNet2DConditionModel` in
+    `DiffusersCrossAttentionEpsModel`; return any other module unchanged.
 
     A module that is not a UNet2DModel must already be callable as
     `model(x_t, timesteps, cond) -> eps_pred` (module docstring) and should define
@@ -135,6 +180,8 @@ def as_eps_model(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, UNet2DModel):
         return DiffusersEpsModel(model)
+    if isinstance(model, UNet2DConditionModel):
+        return DiffusersCrossAttentionEpsModel(model)
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"expected a torch nn.Module (UNet2DModel or an ε-model), got {type(model).__name__}."

@@ -149,7 +149,8 @@ class GradientSource:
 
         Args:
             queries: [Q, C, H, W] (or one [C, H, W]) generated samples in the model's range.
-            cond: class labels [Q] (or one int) for a class-conditional model.
+            cond: class labels [Q] (or one int) for a class-conditional model; text states
+                [Q, L, D] (or one [L, D] for every query) for a cross-attention model.
         """
         images = validate_images(queries, self.sample_shape, what="queries")
         if images.shape[0] == 0:
@@ -161,13 +162,16 @@ class GradientSource:
         if cond is not None:
             cond = self._query_cond(cond, images.shape[0])
         ids = [
-            _content_id(images[row], None if cond is None else int(cond[row]))
+            _content_id(images[row], None if cond is None else cond[row])
             for row in range(images.shape[0])
         ]
         return ExampleBlock(torch.tensor(ids, dtype=torch.int64), images, cond)
 
     def _query_cond(self, cond, count: int) -> Tensor:
-        """Class labels [count] for `count` queries, checked against the model."""
+        """Class labels [count] (or text states [count, L, D]) for `count` queries, checked
+        against the model."""
+        if getattr(self.model, "cond_kind", None) == "states":
+            return self._query_states(cond, count)
         conditional = getattr(self.model, "is_conditional", None)
         if conditional is False:
             raise ValueError(
@@ -195,6 +199,26 @@ class GradientSource:
                 f"0..{classes - 1}; pass labels in that range."
             )
         return labels.expand(count).to(self.device)
+
+    def _query_states(self, cond, count: int) -> Tensor:
+        width = self.model.cond_width
+        states = cond if isinstance(cond, Tensor) else None
+        if states is None or not states.is_floating_point() or states.dim() not in (2, 3):
+            raise ValueError(
+                f"this model cross-attends to text states: cond must be a float tensor "
+                f"[Q, L, {width}] (or one [L, {width}] for every query), got {cond!r:.80}; "
+                "encode the prompt with the pipeline's text encoder."
+            )
+        if states.dim() == 2:
+            states = states.unsqueeze(0).expand(count, *states.shape)
+        if states.shape[0] != count or states.shape[-1] != width:
+            raise ValueError(
+                f"cond has shape {tuple(states.shape)} for {count} queries; pass [Q={count}, "
+                f"L, {width}] text states (or one [L, {width}] for all)."
+            )
+        if not bool(torch.isfinite(states).all()):
+            raise ValueError("cond (text states) holds NaN or inf; re-encode the prompt.")
+        return states.to(self.device, self.dtype)
 
     def train_blocks(
         self, indices: Sequence[int] | None = None, block_size: int | None = None
@@ -315,8 +339,13 @@ class GradientSource:
                 yield len(chunk) * num_draws
 
 
-def _content_id(image: Tensor, label: int | None) -> int:
-    """A 28-bit id from a query's pixels (and label): it seeds the query's draws, so a
-    query's gradient never depends on which other queries share its batch."""
-    key = tensor_fingerprint(image) + ("" if label is None else f":{label}")
+def _content_id(image: Tensor, cond: Tensor | None) -> int:
+    """A 28-bit id from a query's pixels (and label, or text states): it seeds the query's
+    draws, so a query's gradient never depends on which other queries share its batch."""
+    if cond is None:
+        key = tensor_fingerprint(image)
+    elif cond.dim() == 0:
+        key = tensor_fingerprint(image) + f":{int(cond)}"
+    else:
+        key = tensor_fingerprint(image) + ":" + tensor_fingerprint(cond)
     return int(hashlib.sha256(key.encode()).hexdigest()[:7], 16)

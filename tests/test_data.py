@@ -20,6 +20,7 @@ def test_public_api_is_pinned():
             "UNCONDITIONAL",
             "DigitsDataset",
             "ImageTensorDataset",
+            "TextStatesDataset",
             "batch_cond",
             "load_digits_dataset",
             "validate_images",

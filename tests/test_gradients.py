@@ -24,7 +24,12 @@ def autograd_example_gradient(model, schedule, image, cond, example_id, num_draw
     )
     noise, timesteps = draws.noise[0], draws.timesteps[0]
     x_t = schedule.add_noise(image.expand(num_draws, *image.shape), noise, timesteps)
-    cond_items = None if cond is None else torch.full((num_draws,), cond)
+    if cond is None:
+        cond_items = None
+    elif isinstance(cond, torch.Tensor) and cond.dim() > 0:  # text states [L, D]
+        cond_items = cond.expand(num_draws, *cond.shape)
+    else:
+        cond_items = torch.full((num_draws,), cond)
     loss = (model(x_t, timesteps, cond_items) - noise).square().flatten(1).mean(1).mean()
     params = dict(model.named_parameters())
     return dict(
