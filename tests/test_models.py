@@ -39,6 +39,7 @@ def test_public_api_is_pinned():
         [
             "DIGITS_WEIGHTS_PATH",
             "DiffusersEpsModel",
+            "DiffusersCrossAttentionEpsModel",
             "as_eps_model",
             "default_schedule",
             "digits_unet_config",
