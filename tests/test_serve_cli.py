@@ -94,3 +94,23 @@ def test_serve_answers_on_the_users_setup_and_stops_on_a_signal(tmp_path, score_
     assert server.returncode == 0, output
     assert "6 training examples, exact scoring" in output
     assert "Traceback" not in output
+
+
+def test_serve_on_a_port_in_use_fails_with_the_fix(tmp_path):
+    save_unet(tiny_unet().float(), tmp_path / "unet.safetensors", {"schedule": SCHEDULE})
+    data = random_dataset(4, (1, 4, 4), seed=2, dtype=torch.float32)
+    save_file({"images": data.images}, str(tmp_path / "train.safetensors"))
+    model = ["--weights", str(tmp_path / "unet.safetensors")]
+    model += ["--data", str(tmp_path / "train.safetensors")]
+    fit = ["fit", *model, "--out", str(tmp_path / "curv"), "--factor-draws", "1"]
+    assert main([*fit, "--eigval-draws", "1"]) == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "fastinf", "serve", *model, "--curvature"]
+        command += [str(tmp_path / "curv"), "--port", str(port)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"could not listen on http://127.0.0.1:{port}" in done.stderr
+    assert "--port" in done.stderr.strip().splitlines()[-1]

@@ -562,8 +562,10 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
         uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False)
     )
     http = threading.Thread(target=server.run, name="fastinf-http", daemon=True)
+    signalled = threading.Event()
 
     def on_signal(signum, frame):
+        signalled.set()
         # Closed from another thread: this handler may run while the main thread holds the
         # queue's lock. The batch in progress finishes, then the scoring loop returns.
         threading.Thread(target=batcher.close, kwargs={"timeout": 0}, daemon=True).start()
@@ -582,3 +584,8 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
         http.join(timeout=30)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if not signalled.is_set() and not server.started:
+        raise RuntimeError(
+            f"the HTTP server could not listen on http://{host}:{port} (see its log above: "
+            "is the port in use?); pick another with --port."
+        )
