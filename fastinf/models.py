@@ -46,17 +46,14 @@ __all__ = [
 DIGITS_WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "digits_unet.safetensors"
 
 
-class DiffusersEpsModel(nn.Module):
-    """Adapter giving a diffusers `UNet2DModel` fastinf's call convention.
-
-    Args:
-        unet: an ε-predicting `UNet2DModel`, unconditional or class-conditional.
-    """
+class _DiffusersAdapter(nn.Module):
+    """What fastinf's adapters of diffusers UNets share: the wrapped `unet`, whose layer
+    names (after the `unet.` that globs may leave out) and sample shape they expose."""
 
     # Layer globs may leave this out (`fastinf.layers.find_layers`).
     layer_prefix = "unet."
 
-    def __init__(self, unet: UNet2DModel):
+    def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
@@ -66,6 +63,14 @@ class DiffusersEpsModel(nn.Module):
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, height, width)
+
+
+class DiffusersEpsModel(_DiffusersAdapter):
+    """Adapter giving a diffusers `UNet2DModel` fastinf's call convention.
+
+    Args:
+        unet: an ε-predicting `UNet2DModel`, unconditional or class-conditional.
+    """
 
     @property
     def is_conditional(self) -> bool:
@@ -99,7 +104,7 @@ class DiffusersEpsModel(nn.Module):
         return self.unet(x_t, timesteps, class_labels=cond).sample
 
 
-class DiffusersCrossAttentionEpsModel(nn.Module):
+class DiffusersCrossAttentionEpsModel(_DiffusersAdapter):
     """Adapter giving a diffusers `UNet2DConditionModel` (text-to-image, cross-attention)
     fastinf's call convention: `cond` is the text encoder's hidden states [B, L, D], passed
     as `encoder_hidden_states`.
@@ -108,21 +113,9 @@ class DiffusersCrossAttentionEpsModel(nn.Module):
         unet: an ε-predicting `UNet2DConditionModel` (pixels or VAE latents).
     """
 
-    layer_prefix = "unet."
     is_conditional = True
     num_classes = None
     cond_kind = "states"
-
-    def __init__(self, unet: UNet2DConditionModel):
-        super().__init__()
-        self.unet = unet
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one model input."""
-        size = self.unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.unet.config.in_channels, height, width)
 
     @property
     def cond_width(self) -> int:

@@ -39,6 +39,16 @@ def autograd_example_gradient(model, schedule, image, cond, example_id, num_draw
     )
 
 
+def assert_example_gradients(grads, row, expected, rtol=1e-7):
+    """Row `row` of per-layer gradients equals autograd's parameter gradients `expected`."""
+    for name, (weight, bias) in grads.items():
+        torch.testing.assert_close(
+            weight[row], expected[f"{name}.weight"].flatten(1), rtol=rtol, atol=1e-10
+        )
+        if bias is not None:
+            torch.testing.assert_close(bias[row], expected[f"{name}.bias"], rtol=rtol, atol=1e-10)
+
+
 def check_against_autograd(engine, model, indices, cond=None):
     grads = engine.train_gradients(indices)
     config = engine.config
@@ -47,14 +57,7 @@ def check_against_autograd(engine, model, indices, cond=None):
         expected = autograd_example_gradient(
             model, engine.schedule, image, cond, index, config.train_draws, config.seed
         )
-        for name, (weight, bias) in grads.items():
-            torch.testing.assert_close(
-                weight[row], expected[f"{name}.weight"].flatten(1), rtol=1e-7, atol=1e-10
-            )
-            if bias is not None:
-                torch.testing.assert_close(
-                    bias[row], expected[f"{name}.bias"], rtol=1e-7, atol=1e-10
-                )
+        assert_example_gradients(grads, row, expected)
 
 
 @pytest.mark.parametrize(
@@ -90,11 +93,4 @@ def test_unet_per_example_gradients_include_attention_projections(conditional):
         expected = autograd_example_gradient(
             model, engine.schedule, image, None if not conditional else int(cond), index, 2, 0
         )
-        for name, (weight, bias) in grads.items():
-            torch.testing.assert_close(
-                weight[row], expected[f"{name}.weight"].flatten(1), rtol=1e-6, atol=1e-10
-            )
-            if bias is not None:
-                torch.testing.assert_close(
-                    bias[row], expected[f"{name}.bias"], rtol=1e-6, atol=1e-10
-                )
+        assert_example_gradients(grads, row, expected, rtol=1e-6)

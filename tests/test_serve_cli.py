@@ -30,7 +30,8 @@ def test_serve_help_imports_nothing_heavy():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--data", "{tmp}/train.safetensors"], "--weights/--data need --curvature"),
+        (["--data", "{tmp}/train.safetensors"], "--weights/--data/--layers need --curvature"),
+        (["--layers", "*attentions*"], "--weights/--data/--layers need --curvature"),
         (["--index", "{tmp}/nowhere"], "--index {tmp}/nowhere: no index.json there"),
         (["--default-k", "20", "--k-max", "10"], "--default-k 20 exceeds --k-max 10"),
         (["--timeout-s", "0"], "--timeout-s must be > 0"),
@@ -52,17 +53,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize(
-    "score_thread, stop", [("main", signal.SIGTERM), ("worker", signal.SIGINT)]
-)
-def test_serve_answers_on_the_users_setup_and_stops_on_a_signal(tmp_path, score_thread, stop):
+def _fitted_setup(tmp_path, count: int):
+    """A tiny UNet, `count` training images and a curvature fitted in `tmp_path/curv`:
+    (the images, the --weights/--data options)."""
     save_unet(tiny_unet().float(), tmp_path / "unet.safetensors", {"schedule": SCHEDULE})
-    data = random_dataset(6, (1, 4, 4), seed=2, dtype=torch.float32)
+    data = random_dataset(count, (1, 4, 4), seed=2, dtype=torch.float32)
     save_file({"images": data.images}, str(tmp_path / "train.safetensors"))
     model = ["--weights", str(tmp_path / "unet.safetensors")]
     model += ["--data", str(tmp_path / "train.safetensors")]
     fit = ["fit", *model, "--out", str(tmp_path / "curv"), "--factor-draws", "1"]
     assert main([*fit, "--eigval-draws", "1"]) == 0
+    return data, model
+
+
+@pytest.mark.parametrize(
+    "score_thread, stop", [("main", signal.SIGTERM), ("worker", signal.SIGINT)]
+)
+def test_serve_answers_on_the_users_setup_and_stops_on_a_signal(tmp_path, score_thread, stop):
+    data, model = _fitted_setup(tmp_path, 6)
     port = _free_port()
     command = [sys.executable, "-m", "fastinf", "serve", *model, "--curvature"]
     command += [str(tmp_path / "curv"), "--port", str(port), "--train-draws", "2"]
@@ -97,13 +105,7 @@ def test_serve_answers_on_the_users_setup_and_stops_on_a_signal(tmp_path, score_
 
 
 def test_serve_on_a_port_in_use_fails_with_the_fix(tmp_path):
-    save_unet(tiny_unet().float(), tmp_path / "unet.safetensors", {"schedule": SCHEDULE})
-    data = random_dataset(4, (1, 4, 4), seed=2, dtype=torch.float32)
-    save_file({"images": data.images}, str(tmp_path / "train.safetensors"))
-    model = ["--weights", str(tmp_path / "unet.safetensors")]
-    model += ["--data", str(tmp_path / "train.safetensors")]
-    fit = ["fit", *model, "--out", str(tmp_path / "curv"), "--factor-draws", "1"]
-    assert main([*fit, "--eigval-draws", "1"]) == 0
+    _, model = _fitted_setup(tmp_path, 4)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

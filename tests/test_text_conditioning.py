@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from test_gradients import autograd_example_gradient
+from test_gradients import assert_example_gradients, autograd_example_gradient
 
 from fastinf.config import CurvatureConfig, ScoreConfig
 from fastinf.data import TextStatesDataset
@@ -65,14 +65,7 @@ def test_per_example_gradients_with_text_states_match_autograd(engine):
         expected = autograd_example_gradient(
             engine.model, engine.schedule, image, states, index, 2, 0
         )
-        for name, (weight, bias) in grads.items():
-            torch.testing.assert_close(
-                weight[row], expected[f"{name}.weight"].flatten(1), rtol=1e-7, atol=1e-10
-            )
-            if bias is not None:
-                torch.testing.assert_close(
-                    bias[row], expected[f"{name}.bias"], rtol=1e-7, atol=1e-10
-                )
+        assert_example_gradients(grads, row, expected)
 
 
 def test_the_prompt_states_seed_and_steer_the_query_measurement(engine):
