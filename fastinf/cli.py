@@ -490,6 +490,13 @@ def fit_fraction(text: str) -> float:
     return value
 
 
+def example_cap(text: str) -> int | None:
+    """A positive number of examples, or 'all' (no cap)."""
+    if text.strip().lower() == "all":
+        return None
+    return positive_int(text)
+
+
 def _help(cls, name: str) -> str:
     """An option's help: the config field's own help text (one source for API and CLI)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -633,9 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--max-examples",
-        type=positive_int,
-        default=None,
-        help=_help(CurvatureConfig, "max_examples"),
+        type=example_cap,
+        default=CurvatureConfig.max_examples,
+        help=_help(CurvatureConfig, "max_examples") + "; 'all' fits every example",
     )
     fit.add_argument(
         "--chunk-examples",

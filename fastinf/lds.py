@@ -233,8 +233,12 @@ class LDSRun:
         main = self.store.measurements(
             self.subset_jobs(config.train_seed, config.num_subsets), probe
         )
-        replicate = self.store.measurements(
-            self.subset_jobs(config.oracle_seed, config.oracle_subsets), probe
+        replicate = (
+            self.store.measurements(
+                self.subset_jobs(config.oracle_seed, config.oracle_subsets), probe
+            )
+            if config.oracle_subsets
+            else main.new_empty((0, main.shape[1]))  # no replicates asked for
         )
         return main, replicate
 

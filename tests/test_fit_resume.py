@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from fastinf.artifacts import ArtifactCorruptError, ArtifactMismatchError
 from fastinf.cli import INTERRUPTED, main
-from fastinf.config import CurvatureConfig
+from fastinf.config import CurvatureConfig, stored_curvature_config
 from fastinf.curvature import checkpoint, passes
 from fastinf.curvature.passes import PROGRESS_DIR, fit_examples
 from fastinf.data import ImageTensorDataset
@@ -212,7 +212,15 @@ def test_a_sampled_fit_is_the_fit_of_its_subset():
     )
     assert_identical(sampled.tensors(), explicit.tensors())
     assert sampled.config.fingerprint()["max_examples"] == 5
-    assert "max_examples" not in CurvatureConfig().fingerprint()
+    assert CurvatureConfig().fingerprint()["max_examples"] == 10_000  # the default cap
+    # A fit of every example records no cap, and a record without one reads back as None
+    # (curvatures saved before the cap existed keep meaning "every example").
+    every = CurvatureConfig(max_examples=None)
+    assert "max_examples" not in every.fingerprint()
+    assert stored_curvature_config(every.fingerprint()) == every
+    assert stored_curvature_config(sampled.config.fingerprint()).max_examples == 5
+    # Below the cap, the default fits every example, in order.
+    assert fit_examples(NUM_EXAMPLES, CurvatureConfig()) == list(range(NUM_EXAMPLES))
 
 
 # -- the command line ----------------------------------------------------------------------

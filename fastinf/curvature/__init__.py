@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..artifacts import check_provenance, load_artifact
-from ..config import CurvatureConfig, config_from_dict
+from ..config import CurvatureConfig, stored_curvature_config
 from ..layers import LayerInfo
 from ..models import eval_mode
 from ..source import GradientSource
@@ -110,5 +110,5 @@ def load_curvature(
     tensors, meta = load_artifact(directory, ARTIFACT)
     if expected_provenance is not None:
         check_provenance("curvature", meta["provenance"], expected_provenance)
-    config = config_from_dict(CurvatureConfig, meta["config"])
+    config = stored_curvature_config(meta["config"])
     return STRATEGIES[config.strategy].load(tensors, meta, config, layer_info)
