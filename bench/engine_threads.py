@@ -9,14 +9,13 @@ the alternatives are to serialise calls behind a lock, or to batch queries into 
 (what `fastinf serve`'s micro-batcher does). On the digits default with its index, search
 only (`exact_rerank=0`), 16 distinct queries (`sample_ddpm`, seed 23, 50 steps) are
 answered (a) one after another, (b) from 4 threads at once, (c) from 4 threads under one
-lock, (d) as one batched call of 16. Every call is made from a thread other than the
-main one, as in `fastinf serve` (its batcher thread): on this 2-core machine under load,
-torch's intra-op threads made the same calls 6-10× slower from the main thread (measured
-while writing this benchmark, load average ~8; calls from other threads ran on one core,
-CPU time = wall time), which would favour the threaded variants unfairly. The variants
-alternate round by round; each reports the median wall time of `--repeats` rounds and
-queries per second. Every variant's top-10 must equal the sequential answers (indices
-exactly, scores to 1e-6 relative), otherwise its row says so and no rate is reported.
+lock, (d) as one batched call of 16; (a) and (d) both from a worker thread and from the
+main thread. torch ran the same calls markedly slower from a worker thread than from the
+main thread on this 2-core machine (2026-12-07, near idle: 1.4-1.7×), which is why `fastinf
+serve` scores on the main thread and answers HTTP on another. The variants alternate round
+by round; each reports the median wall time of `--repeats` rounds and queries per second.
+Every variant's top-10 must equal the sequential answers (indices exactly, scores to 1e-6
+relative), otherwise its row says so and no rate is reported.
 
 Rows are appended to `bench/results/engine_threads.csv`; the summary is
 `engine_threads.md`.
@@ -137,8 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         f"with {env['threads']} threads, load before {env['load_before']}, niceness "
         f"{env['nice']}. "
         f"{QUERIES} distinct generated queries, `engine.score(..., k={TOP_K}, exact_rerank=0)` "
-        f"(the default index, search only), every call from a thread other than the main one "
-        f"(as the service's batcher); median of {args.repeats} rounds, the variants "
+        "(the default index, search only), each call from a worker thread (as `fastinf serve "
+        "--score-thread worker` scores) unless its row says main thread (as `fastinf serve` "
+        f"scores by default); median of {args.repeats} rounds, the variants "
         "alternating. Every variant's top-10 equals the sequential answers: "
         f"{all(agree.values())}. Command: `{prefix}.venv/bin/python bench/engine_threads.py`.",
         rows,

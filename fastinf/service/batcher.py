@@ -11,8 +11,8 @@ fails every item of its batch with that error; the worker itself never dies. Ite
 future was cancelled while waiting (their request timed out) are dropped unscored.
 
 The worker is a thread of its own, or, with `thread=False`, whichever thread calls `run()`
-(`fastinf serve` scores on the main thread: torch ran the same engine calls ~20-30% slower
-from another thread on a 2-core CPU, `bench/engine_threads.py`).
+(`fastinf serve` scores on the main thread: torch ran the same engine calls 1.4-1.7× slower
+from another thread on a 2-core CPU, `bench/results/engine_threads.md`).
 """
 
 from __future__ import annotations
