@@ -342,7 +342,7 @@ STRUCTURES = {
 }
 
 
-def run_real(count: int, build_only: bool) -> list[dict]:
+def run_real(count: int, build_only: bool, spectrum_only: bool = False) -> list[dict]:
     rank = int(os.environ.get("RANK", 0))
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
         # A build of hours: a barrier must outwait the slowest rank's share.
@@ -356,7 +356,7 @@ def run_real(count: int, build_only: bool) -> list[dict]:
     base |= {"dim": index.dim, "storage": index.config.storage, "queries": QUERIES}
     queries = query_vectors(engine, index, QUERIES)
     tick = time.perf_counter()
-    truth = flat_truth(index, queries, count)
+    truth = None if spectrum_only else flat_truth(index, queries, count)
     print(f"flat truth in {time.perf_counter() - tick:.0f} s", flush=True)
     index.search_index = None  # the flat structure (1.6 GB) is not needed any more
     fitted = fit_rows(index, FIT_EXAMPLES)
@@ -365,6 +365,8 @@ def run_real(count: int, build_only: bool) -> list[dict]:
     sketches, stats = all_sketches_with_stats(index, chosen)
     np.savez(spectrum_path(count), **spectrum(index, basis, fitted, queries, stats))
     del fitted
+    if spectrum_only:
+        return []
     rows = []
     for key, projection in chosen.items():
         rows += exhaustive_rows(projection, sketches[key], queries, truth, base)
@@ -465,8 +467,8 @@ def _evict(shards: list[np.ndarray]) -> None:
             os.close(fd)
 
 
-def run_synthetic(total: int, keep: bool) -> list[dict]:
-    saved = np.load(spectrum_path(IMAGES))
+def run_synthetic(total: int, keep: bool, spectrum_images: int = IMAGES) -> list[dict]:
+    saved = np.load(spectrum_path(spectrum_images))
     spectrum = {key: saved[key] for key in saved.files}
     config = IndexConfig(search="twostage")
     dim, stored_dim = config.first_stage_dim, config.dim
@@ -530,7 +532,7 @@ def run_synthetic(total: int, keep: bool) -> list[dict]:
         "write_seconds": round(write_seconds, 1),
     }
     base |= {"build_seconds": round(build_seconds, 1), "disk_gb": round(disk, 2)}
-    base |= {"residual_dim": int(spectrum["residual_dim"])}
+    base |= {"residual_dim": int(spectrum["residual_dim"]), "spectrum_images": spectrum_images}
     rows = []
     for count in SYNTHETIC_CANDIDATES:
         for cache in ("cached", "evicted"):
@@ -681,11 +683,22 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="real: only build the index")
     parser.add_argument("--num-vectors", type=int, default=SYNTHETIC, help="synthetic: N")
     parser.add_argument("--keep", action="store_true", help="synthetic: keep the 20 GB of files")
+    parser.add_argument(
+        "--spectrum-only",
+        action="store_true",
+        help="real: build the index and save its spectrum for `synthetic`, nothing else",
+    )
+    parser.add_argument(
+        "--spectrum-images",
+        type=int,
+        default=IMAGES,
+        help="synthetic: draw like the spectrum of the real index of this many images",
+    )
     args = parser.parse_args()
     if args.phase == "real":
-        rows = run_real(args.num_images, args.build_only)
+        rows = run_real(args.num_images, args.build_only, args.spectrum_only)
     elif args.phase == "synthetic":
-        rows = run_synthetic(args.num_vectors, args.keep)
+        rows = run_synthetic(args.num_vectors, args.keep, args.spectrum_images)
     else:
         rows = []
     if rows:

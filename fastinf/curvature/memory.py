@@ -4,7 +4,7 @@ An EK-FAC or K-FAC fit keeps, per tracked layer and in float64, the
 factors A [d_in, d_in] and S [d_out, d_out], their eigenvectors (the same sizes), their
 eigenvalues and the corrected eigenvalues Λ [d_out, d_in] (+ d_out for a bias). At
 Stable-Diffusion size one layer can outgrow memory (a 1,280-channel 3×3 convolution has
-d_in = 11,520: 2.2 GB), so a layer over `CurvatureConfig.max_layer_bytes` is refused
+d_in = 11,520: 2.3 GB), so a layer over `CurvatureConfig.max_layer_bytes` is refused
 before any gradient is computed, with the fix named: track fewer layers, or a LoRA.
 """
 
