@@ -644,12 +644,17 @@ def write_summary() -> None:
     synthetic = _latest(rows, "synthetic")
     if synthetic:
         first = synthetic[0]
+        spectrum_images = int(first.get("spectrum_images") or IMAGES)
         text += [
             "",
             f"## {int(first['N']):,} synthetic vectors drawn like the real ones",
             "",
             f"{_environment(first)}. Command: `.venv/bin/python bench/index_twostage.py "
-            f"synthetic`. {SYNTHETIC_NOTE.format(residual=first['residual_dim'])}",
+            f"synthetic --spectrum-images {spectrum_images}` (after `real --num-images "
+            f"{spectrum_images} --spectrum-only`). "
+            + SYNTHETIC_NOTE.format(
+                residual=first["residual_dim"], spectrum_images=spectrum_images
+            ),
             "",
             markdown_table(synthetic, SYNTHETIC_COLUMNS),
         ]
@@ -664,15 +669,15 @@ SUMMARY_INTRO = (
 )
 SYNTHETIC_NOTE = (
     "Vectors drawn from the spectrum of the real ones (`synthetic_vectors`): per-vector "
-    "norm and captured share resampled from the 100,000 real rows, Gaussian coordinates on "
-    "the first-stage directions with the real energy shares, an isotropic residual on "
-    "{residual} more coordinates (the dimension whose inner products spread like the real "
-    "residuals'), int4 as the index stores them; the first stage is the default (pca on "
-    "those directions, hnsw); the 64 real queries mapped into the same basis; recall "
-    "against an exact scan of the stored values made while writing them. page_cache: "
-    "'cached' times each query's second run, 'evicted' drops the shards from the page "
-    "cache first. Peak RSS of the whole run; disk: codes and sketches. 10,000,000 vectors "
-    "would need 160 GB of codes (this disk has 64 GB)."
+    "norm and captured share resampled from the {spectrum_images:,} real rows, Gaussian "
+    "coordinates on the first-stage directions with the real energy shares, an isotropic "
+    "residual on {residual} more coordinates (the dimension whose inner products spread "
+    "like the real residuals'), int4 as the index stores them; the first stage is the "
+    "default (pca on those directions, hnsw); the 64 real queries mapped into the same "
+    "basis; recall against an exact scan of the stored values made while writing them. "
+    "page_cache: 'cached' times each query's second run, 'evicted' drops the shards from "
+    "the page cache first. Peak RSS of the whole run; disk: codes and sketches. "
+    "10,000,000 vectors would need 160 GB of codes (this machine has about 76 GB free)."
 )
 
 
