@@ -641,22 +641,24 @@ def write_summary() -> None:
             "",
             markdown_table([r for r in real if r["table"] == "two stages"], TWO_STAGE_COLUMNS),
         ]
-    synthetic = _latest(rows, "synthetic")
-    if synthetic:
-        first = synthetic[0]
+    synthetic = [row for row in rows if row.get("phase") == "synthetic"]
+    for total in sorted({int(row["N"]) for row in synthetic}):
+        latest = max(row["run"] for row in synthetic if int(row["N"]) == total)
+        group = [row for row in synthetic if int(row["N"]) == total and row["run"] == latest]
+        first = group[0]
         spectrum_images = int(first.get("spectrum_images") or IMAGES)
         text += [
             "",
-            f"## {int(first['N']):,} synthetic vectors drawn like the real ones",
+            f"## {total:,} synthetic vectors drawn like the real ones",
             "",
             f"{_environment(first)}. Command: `.venv/bin/python bench/index_twostage.py "
-            f"synthetic --spectrum-images {spectrum_images}` (after `real --num-images "
-            f"{spectrum_images} --spectrum-only`). "
+            f"synthetic --num-vectors {total} --spectrum-images {spectrum_images}` (after "
+            f"`real --num-images {spectrum_images} --spectrum-only`). "
             + SYNTHETIC_NOTE.format(
                 residual=first["residual_dim"], spectrum_images=spectrum_images
             ),
             "",
-            markdown_table(synthetic, SYNTHETIC_COLUMNS),
+            markdown_table(group, SYNTHETIC_COLUMNS),
         ]
     (RESULTS_DIR / "index_twostage.md").write_text("\n".join(text) + "\n")
 
