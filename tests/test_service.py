@@ -394,7 +394,7 @@ def test_a_batcher_without_a_thread_scores_on_the_thread_that_runs_it():
         return [item + 1 for item in items]
 
     batcher = MicroBatcher(handle, thread=False)
-    assert not batcher.alive
+    assert batcher.alive and not batcher.owns_thread  # ready: its owner is about to run it
     queued = batcher.submit(1)  # waits until a thread runs the loop
     loop = threading.Thread(target=batcher.run, name="chosen")
     loop.start()

@@ -555,7 +555,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     batcher = app.state.service.batcher
-    if batcher.alive:  # it has a worker thread of its own
+    if batcher.owns_thread:
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
         return
     server = uvicorn.Server(

@@ -93,9 +93,17 @@ class MicroBatcher:
             self._worker.start()
 
     @property
+    def owns_thread(self) -> bool:
+        """Whether the batcher scores on a worker thread of its own (else `run()` does)."""
+        return self._worker is not None
+
+    @property
     def alive(self) -> bool:
-        """Whether a worker loop is taking batches (for health checks)."""
-        return self._running.is_set() and not self._stopped.is_set()
+        """Whether batches are taken (for health checks): the worker loop runs, or, without
+        a thread of its own, its owner has not closed it yet (it is about to run it)."""
+        if self._stopped.is_set():
+            return False
+        return self._running.is_set() or (self._worker is None and not self._closed.is_set())
 
     @property
     def depth(self) -> int:
