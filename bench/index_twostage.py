@@ -216,19 +216,23 @@ def _found_recall(found: list[np.ndarray], truth: np.ndarray) -> tuple[float, fl
     return round(float(np.mean(hits)), 4), round(float(np.min(hits)), 4)
 
 
-def time_two_stage(search: TwoStageSearch, queries, truth, count: int) -> dict:
+def time_two_stage(search: TwoStageSearch, queries, truth, count: int, prepare=None) -> dict:
     """One query per call: ms per query (both signs, median and p95), recall@10 per sign,
-    and the first stage's share of the time."""
-    search.search(queries[:1], TOP_K, count)  # warm-up
+    and the first stage's time (timed right after the whole search). `prepare(query)` runs
+    untimed before each query (None: one warm-up search before all of them)."""
+    if prepare is None:
+        search.search(queries[:1], TOP_K, count)  # warm-up
     total, first, plus, minus = [], [], [], []
     for row in range(len(queries)):
         query = queries[row : row + 1]
-        tick = time.perf_counter()
-        search.candidates(query, count)
-        first.append(time.perf_counter() - tick)
+        if prepare is not None:
+            prepare(query)
         tick = time.perf_counter()
         (_, pro), (_, opp) = search.search(query, TOP_K, count)
         total.append(time.perf_counter() - tick)
+        tick = time.perf_counter()
+        search.candidates(query, count)
+        first.append(time.perf_counter() - tick)
         plus.append(pro[0])
         minus.append(opp[0])
     recall_pro, recall_pro_min = _found_recall(plus, truth[1.0])
@@ -556,35 +560,13 @@ SYNTHETIC_CANDIDATES = (1000, 2000)
 
 
 def time_synthetic(search, queries, truth, count, shards, cache: str) -> dict:
-    """`time_two_stage` with the candidates' pages cached (each query run twice, the
-    second timed) or evicted from the page cache before each query."""
-    total, first, plus, minus = [], [], [], []
-    for row in range(len(queries)):
-        query = queries[row : row + 1]
-        if cache == "cached":
-            search.search(query, TOP_K, count)
-        else:
-            _evict(shards)
-        tick = time.perf_counter()
-        (_, pro), (_, opp) = search.search(query, TOP_K, count)
-        total.append(time.perf_counter() - tick)
-        tick = time.perf_counter()
-        search.candidates(query, count)
-        first.append(time.perf_counter() - tick)
-        plus.append(pro[0])
-        minus.append(opp[0])
-    recall_pro, recall_pro_min = _found_recall(plus, truth[1.0])
-    recall_opp, recall_opp_min = _found_recall(minus, truth[-1.0])
-    return {
-        "candidates": count,
-        "ms_median": round(1e3 * statistics.median(total), 1),
-        "ms_p95": round(1e3 * float(np.percentile(total, 95)), 1),
-        "first_stage_ms_median": round(1e3 * statistics.median(first), 1),
-        "recall_proponents": recall_pro,
-        "recall_opponents": recall_opp,
-        "recall_proponents_min": recall_pro_min,
-        "recall_opponents_min": recall_opp_min,
-    }
+    """`time_two_stage` with the candidates' pages cached (each query run once untimed
+    first) or evicted from the page cache before each query."""
+    if cache == "cached":
+        return time_two_stage(
+            search, queries, truth, count, lambda query: search.search(query, TOP_K, count)
+        )
+    return time_two_stage(search, queries, truth, count, lambda query: _evict(shards))
 
 
 # -- summary ---------------------------------------------------------------------------------

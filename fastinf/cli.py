@@ -210,7 +210,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_fit(args) -> int:
-    from .curvature.memory import memory_report
+    from .curvature.memory import KRONECKER_STRATEGIES, memory_report
     from .distributed import init_distributed
 
     # Under torchrun the ranks share the examples; rank 0 holds the lock and writes.
@@ -229,7 +229,7 @@ def _cmd_fit(args) -> int:
         chunk_examples=args.chunk_examples,
         max_layer_bytes=args.max_layer_bytes,
     )
-    if rank == 0 and config.strategy in ("ekfac", "kfac"):
+    if rank == 0 and config.strategy in KRONECKER_STRATEGIES:
         print(memory_report(engine.layers), flush=True)
     start = time.perf_counter()
     with writer_lock(args.out, "fastinf fit") if rank == 0 else contextlib.nullcontext():

@@ -24,6 +24,7 @@ __all__ = [
     "TextStatesDataset",
     "batch_cond",
     "load_digits_dataset",
+    "split_item",
     "validate_images",
 ]
 
@@ -132,6 +133,27 @@ def validate_indices(indices, size: int, what: str = "indices") -> list[int]:
     return order
 
 
+def split_item(item) -> tuple[Tensor, object]:
+    """(image, cond) of a dataset item — `(image, cond)`, `(image,)` or a bare image; a
+    missing or None cond is `UNCONDITIONAL`."""
+    if isinstance(item, (tuple, list)):
+        image, cond = item[0], item[1] if len(item) > 1 else UNCONDITIONAL
+    else:
+        image, cond = item, UNCONDITIONAL
+    return image, UNCONDITIONAL if cond is None else cond
+
+
+def _image_tensor(images) -> Tensor:
+    """`images` checked as one [N, C, H, W] floating, finite tensor (its own sample shape)."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(
+            "images must be a tensor of shape [N, C, H, W], got "
+            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}; "
+            "stack the images into one 4-dim tensor."
+        )
+    return validate_images(images, tuple(images.shape[1:]))
+
+
 class ImageTensorDataset(Dataset):
     """Images held in memory as one tensor, with optional class labels.
 
@@ -144,14 +166,7 @@ class ImageTensorDataset(Dataset):
     """
 
     def __init__(self, images: Tensor, labels: Tensor | None = None):
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            raise ValueError(
-                "images must be a tensor of shape [N, C, H, W], got "
-                f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}; "
-                "stack the images into one 4-dim tensor."
-            )
-        # The dataset defines its own sample shape; this checks dtype and finiteness.
-        images = validate_images(images, tuple(images.shape[1:]))
+        images = _image_tensor(images)
         if labels is None:
             self.conditional = False
             labels = torch.full((images.shape[0],), UNCONDITIONAL, dtype=torch.int64)
@@ -191,9 +206,7 @@ class TextStatesDataset(Dataset):
     """
 
     def __init__(self, images: Tensor, states: Tensor):
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            raise ValueError("images must be a tensor [N, C, H, W]; stack them into one tensor.")
-        self.images = validate_images(images, tuple(images.shape[1:]))
+        self.images = _image_tensor(images)
         if (
             not isinstance(states, Tensor)
             or states.dim() != 3

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data import UNCONDITIONAL, batch_cond, validate_indices
+from .data import batch_cond, split_item, validate_indices
 from .diffusion import Measurement, NoiseSchedule, make_draws, output_noise
 from .layers import LayerCall
 
@@ -60,12 +60,9 @@ class ExampleBlock:
 def _collate(items: list) -> tuple[Tensor, Tensor | None]:
     images, conds = [], []
     for item in items:
-        if isinstance(item, (tuple, list)):
-            image, cond = item[0], item[1] if len(item) > 1 else UNCONDITIONAL
-        else:
-            image, cond = item, UNCONDITIONAL
+        image, cond = split_item(item)
         images.append(torch.as_tensor(image))
-        conds.append(UNCONDITIONAL if cond is None else cond)
+        conds.append(cond)
     if any(isinstance(cond, Tensor) and cond.dim() > 0 for cond in conds):
         return torch.stack(images), _stack_states(conds)
     labels = torch.tensor([int(cond) for cond in conds], dtype=torch.int64)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,7 +46,7 @@ from .artifacts import (
     file_sha256,
     model_fingerprint,
 )
-from .data import UNCONDITIONAL, validate_images
+from .data import split_item, validate_images
 from .locks import writer_lock
 
 __all__ = ["LatentDataset", "LatentStore", "encode_images"]
@@ -83,17 +82,13 @@ def _vae_identity(vae: nn.Module) -> dict:
 
 
 def _item(dataset: Dataset, index: int) -> tuple[Tensor, int]:
-    item = dataset[index]
-    if isinstance(item, (tuple, list)):
-        image, cond = item[0], item[1] if len(item) > 1 else UNCONDITIONAL
-    else:
-        image, cond = item, UNCONDITIONAL
+    image, cond = split_item(dataset[index])
     if isinstance(cond, Tensor) and cond.dim() > 0:
         raise ValueError(
             f"item {index} carries a conditioning tensor {tuple(cond.shape)}; the latent store "
             "keeps class labels only; keep text states beside it (TextStatesDataset)."
         )
-    return torch.as_tensor(image), UNCONDITIONAL if cond is None else int(cond)
+    return torch.as_tensor(image), int(cond)
 
 
 class LatentStore:
@@ -250,9 +245,6 @@ class LatentDataset(Dataset):
         shard = self._shard(index // self.shard_size)
         row = index % self.shard_size
         return shard["latents"][row], int(shard["cond"][row])
-
-    def __iter__(self) -> Iterator[tuple[Tensor, int]]:
-        return (self[index] for index in range(len(self)))
 
     def fingerprint(self, verify: str | None = None) -> str:
         """`"<mode>:<16 hex digits>"` from the manifest, whose checksums cover every shard's

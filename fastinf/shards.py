@@ -34,6 +34,7 @@ Hashing stored bytes costs a read per image instead of a decode.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import hashlib
 import io
@@ -139,7 +140,7 @@ def _count(items: list) -> int:
     return len(items)
 
 
-class StoredImageDataset(Dataset):
+class StoredImageDataset(Dataset, abc.ABC):
     """Base of the datasets whose images are stored files: decoding, labels, shards,
     `fingerprint` and `check`. Subclasses fill the index and read an example's bytes.
 
@@ -184,11 +185,13 @@ class StoredImageDataset(Dataset):
     def _describe(self) -> str:
         return type(self).__name__
 
+    @abc.abstractmethod
     def _read(self, index: int) -> bytes:
-        raise NotImplementedError
+        """The stored bytes of example `index`."""
 
+    @abc.abstractmethod
     def _where(self, index: int) -> str:
-        raise NotImplementedError
+        """Where example `index` is stored, for error messages."""
 
     def _index_columns(self) -> list[np.ndarray]:
         return [self.names, self.sizes, self.labels]

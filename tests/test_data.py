@@ -23,6 +23,7 @@ def test_public_api_is_pinned():
             "TextStatesDataset",
             "batch_cond",
             "load_digits_dataset",
+            "split_item",
             "validate_images",
         ]
     )

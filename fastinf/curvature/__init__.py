@@ -36,7 +36,7 @@ from .base import (
     require_eigenbasis,
 )
 from .kfac import as_kfac
-from .memory import check_layer_memory
+from .memory import KRONECKER_STRATEGIES, check_layer_memory
 from .passes import FitPasses, open_passes
 from .trak import SketchedCurvature
 
@@ -90,7 +90,7 @@ def fit_curvature(
     first a layer over `config.max_layer_bytes` (`memory.check_layer_memory`).
     """
     config = config or CurvatureConfig()
-    if config.strategy in ("ekfac", "kfac"):  # Kronecker factors and their eigenbases
+    if config.strategy in KRONECKER_STRATEGIES:
         check_layer_memory(source.layers, config.max_layer_bytes)
     with eval_mode(source.model), open_passes(source, config, indices, checkpoint_dir) as passes:
         return STRATEGIES[config.strategy].fit(source, config, passes)

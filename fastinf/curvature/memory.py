@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from ..layers import LayerInfo
 
-__all__ = ["check_layer_memory", "layer_state_bytes", "memory_report"]
+__all__ = ["KRONECKER_STRATEGIES", "check_layer_memory", "layer_state_bytes", "memory_report"]
+
+KRONECKER_STRATEGIES = ("ekfac", "kfac")
+"""The strategies that hold Kronecker factors and their eigenbases per layer."""
 
 _FLOAT64 = 8
 
@@ -51,11 +54,8 @@ def check_layer_memory(layers: dict[str, LayerInfo], budget: int | None) -> None
     """Refuse a fit whose largest layer's state exceeds `budget` bytes (None: no limit)."""
     if budget is None:
         return
-    over = [
-        (layer_state_bytes(info), name, info)
-        for name, info in layers.items()
-        if layer_state_bytes(info) > budget
-    ]
+    sizes = [(layer_state_bytes(info), name, info) for name, info in layers.items()]
+    over = [entry for entry in sizes if entry[0] > budget]
     if not over:
         return
     size, name, info = max(over)
