@@ -23,12 +23,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check fastinf kernels tests bench
-	$(PY) -m ruff format --check fastinf kernels tests bench
+	$(PY) -m ruff check fastinf tests bench
+	$(PY) -m ruff format --check fastinf tests bench
 
 format: $(STAMP)
-	$(PY) -m ruff format fastinf kernels tests bench
-	$(PY) -m ruff check --fix fastinf kernels tests bench
+	$(PY) -m ruff format fastinf tests bench
+	$(PY) -m ruff check --fix fastinf tests bench
 
 bench: $(STAMP)
 	$(PY) -m pytest bench -q

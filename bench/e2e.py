@@ -79,7 +79,7 @@ class Row:
 
 
 def git_commit() -> str:
-    """HEAD of the repository, with `+dirty` when fastinf/ or kernels/ have local changes."""
+    """HEAD of the repository, with `+dirty` when fastinf/ has local changes."""
 
     def git(*args: str) -> str:
         done = subprocess.run(
@@ -88,7 +88,7 @@ def git_commit() -> str:
         return done.stdout.strip()
 
     head = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "fastinf", "kernels")
+    dirty = git("status", "--porcelain", "--", "fastinf")
     return head + ("+dirty" if dirty else "")
 
 

@@ -11,20 +11,16 @@ from fastinf.config import STRATEGY_NAMES
 from fastinf.curvature import STRATEGIES
 
 ROOT = Path(fastinf.__file__).resolve().parent
-KERNELS = ROOT.parent / "kernels"
 
 
 def _modules() -> dict[str, Path]:
-    """Dotted module name → file, for fastinf/ and the kernels/ folder (fastinf.kernels)."""
+    """Dotted module name → file, for every module under fastinf/."""
     found = {}
-    for base, package in ((ROOT, "fastinf"), (KERNELS, "fastinf.kernels")):
-        for path in base.rglob("*.py"):
-            if base == ROOT and KERNELS in path.parents:
-                continue
-            parts = list(path.relative_to(base).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            found[".".join([package, *parts])] = path
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(["fastinf", *parts])] = path
     return found
 
 

@@ -1,6 +1,6 @@
-"""The wheel ships every package of the source tree (`fastinf/`, and `kernels/` as
-`fastinf.kernels`) and the shipped weights: a subpackage the packaging config forgets
-imports fine from a checkout and fails only once installed."""
+"""The wheel ships every package of the source tree (`fastinf/` and its subpackages) and the
+shipped weights: a subpackage the packaging config forgets imports fine from a checkout and
+fails only once installed."""
 
 import importlib.util
 import os
@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Source folder → the import path its packages ship under (pyproject: package-dir).
-PACKAGE_ROOTS = {"fastinf": "fastinf", "kernels": "fastinf/kernels"}
+PACKAGE_ROOTS = {"fastinf": "fastinf"}
 WEIGHTS = Path("fastinf") / "weights"
 STATIC = Path("fastinf") / "service" / "static"
 # Top-level entries that are not part of a build; copying them would only slow it down or
@@ -103,3 +103,11 @@ def test_wheel_ships_every_package_and_the_weights(wheel):
     assert not missing, f"the wheel lacks {missing}: fix the packaging config in pyproject.toml"
     stray = sorted(name for name in shipped if name.startswith("kernels/"))
     assert not stray, f"kernels must ship as fastinf.kernels, not as a top-level {stray}"
+
+
+def test_no_top_level_folder_shadows_an_installed_package():
+    """`python -m` puts the checkout's root first on sys.path, so a top-level package folder
+    there would hide a distribution of the same name (a top-level `kernels/` once broke
+    `import transformers`, which imports the `kernels` distribution)."""
+    packages = sorted(path.name for path in ROOT.iterdir() if (path / "__init__.py").is_file())
+    assert packages == ["fastinf"], f"only fastinf/ may be a package at the root: {packages}"

@@ -54,7 +54,7 @@ BackendName = Literal["triton", "reference"]
 BACKEND_MODULES: dict[str, str] = {"reference": "naive", "triton": "triton_impl"}
 BACKENDS: tuple[str, ...] = ("auto", *BACKEND_MODULES)
 
-# Public op -> the folder of kernels/ that implements it.
+# Public op -> the folder of fastinf/kernels/ that implements it.
 OPS: dict[str, str] = {
     "score_params": "score",
     "eigval_accumulate": "eigval",
