@@ -96,6 +96,8 @@ def _engine(args, config: ScoreConfig | None = None):
         schedule_from_sidecar,
     )
 
+    if args.pipeline:
+        return _pipeline_engine(args, config)
     if args.weights:
         model = load_unet(args.weights)
         schedule = schedule_from_sidecar(load_sidecar(args.weights))
@@ -134,6 +136,86 @@ def _engine(args, config: ScoreConfig | None = None):
     )
 
 
+def _pipeline_engine(args, config: ScoreConfig | None):
+    """The engine of `--pipeline P --data DIR`: the training images encoded once into a
+    latent store (resumed if a run was stopped), attributed through the pipeline's UNet.
+    The loaded pipeline stays on `args.loaded_pipeline` for the queries."""
+    from .engine import InfluenceEngine
+    from .layers import find_layers
+    from .pipeline import load_pipeline
+    from .shards import ImageFolderDataset
+
+    pipeline = load_pipeline(args.pipeline, lora=args.lora)
+    find_layers(pipeline.model, args.layers)  # a --layers error comes before any encoding
+    data = ImageFolderDataset(args.data, pipeline.image_shape)
+    if data.captions is None:
+        raise ValueError(
+            f"--data {args.data} has no metadata.jsonl; a text-to-image pipeline is attributed "
+            'on captioned images: add one line {"file_name": ..., "text": ...} per image.'
+        )
+    data.check(count=256)  # a broken image is named before any encoding
+    print(
+        f"encoding {len(data)} training images and captions with {args.pipeline} (resumed "
+        "if a store exists)",
+        file=sys.stderr,
+        flush=True,
+    )
+    store = pipeline.latent_store(data, args.latents, verify=args.verify)
+    args.loaded_pipeline = pipeline
+    return InfluenceEngine(
+        pipeline.model,
+        pipeline.schedule,
+        store.dataset(),
+        config=config,
+        verify=args.verify,
+        layers=args.layers,
+    )
+
+
+def _pipeline_queries(args):
+    """(query latents, text states) of `topk` with --pipeline: --generate N samples N from
+    --prompt; --queries DIR encodes an image folder and its metadata.jsonl prompts (or
+    --prompt for all); a --queries tensor file holds images (encoded) or latents."""
+    import torch
+
+    pipeline = args.loaded_pipeline
+    if args.generate:
+        latents = pipeline.generate(
+            [args.prompt],
+            args.generate,
+            seed=args.seed,
+            steps=args.sample_steps,
+            guidance_scale=args.guidance_scale,
+        )
+        return latents, pipeline.prompts.encode([args.prompt] * latents.shape[0])
+    if Path(args.queries).is_dir():
+        from .shards import ImageFolderDataset
+
+        folder = ImageFolderDataset(args.queries, pipeline.image_shape)
+        if folder.captions is None and args.prompt is None:
+            raise ValueError(
+                f"--queries {args.queries} has no metadata.jsonl and no --prompt was given; "
+                "give each query image its prompt there, or one --prompt for all."
+            )
+        images = torch.stack([folder[i][0] for i in range(len(folder))])
+        prompts = folder.captions if args.prompt is None else [args.prompt] * len(folder)
+        return pipeline.encode_images(images), pipeline.prompts.encode(prompts)
+    images, _ = load_tensors(args.queries)
+    if images.dim() == 3:
+        images = images[None]
+    shape = tuple(images.shape[1:])
+    if shape == tuple(pipeline.latent_shape):
+        latents = images.float()
+    elif shape == tuple(pipeline.image_shape):
+        latents = pipeline.encode_images(images)
+    else:
+        raise ValueError(
+            f"--queries {args.queries} holds items of shape {shape}; give images "
+            f"{tuple(pipeline.image_shape)} in [-1, 1] or latents {tuple(pipeline.latent_shape)}."
+        )
+    return latents, pipeline.prompts.encode([args.prompt] * latents.shape[0])
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", help="UNet .safetensors with its JSON sidecar (default: the digits DDPM)"
@@ -147,10 +229,26 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "(default: scikit-learn digits)",
     )
     parser.add_argument(
+        "--pipeline",
+        help="a text-to-image pipeline folder written by diffusers' save_pretrained (unet/, "
+        "vae/, text_encoder/, tokenizer/, scheduler/), attributed in its latent space; --data "
+        "is then an image folder with metadata.jsonl (file_name, text)",
+    )
+    parser.add_argument(
+        "--lora",
+        help="needs --pipeline: a LoRA adapter of its UNet (the folder unet.save_lora_adapter "
+        "writes, or its .safetensors); only the adapter's weights are attributed",
+    )
+    parser.add_argument(
+        "--latents",
+        help="needs --pipeline: folder of the training set's latent store (default: one per "
+        "VAE, text encoder and dataset under $FASTINF_CACHE or ./.fastinf_cache/latents)",
+    )
+    parser.add_argument(
         "--layers",
         help="the layers to attribute, as comma-separated name globs, e.g. '*attentions*' or "
-        "'up_blocks.*' (default: every trainable Linear/Conv2d; a curvature or index is "
-        "made for one choice and refused with another)",
+        "'up_blocks.*', or 'lora' for a LoRA adapter's weights (default: every trainable "
+        "Linear/Conv2d; a curvature or index is made for one choice and refused with another)",
     )
     parser.add_argument(
         "--verify",
@@ -278,7 +376,9 @@ def _cmd_topk(args) -> int:
     curvature = engine.load_curvature(args.curvature)
     if args.index:
         engine.load_index(args.index, sharded=world > 1)
-    if args.queries:
+    if args.pipeline:
+        queries, cond = _pipeline_queries(args)
+    elif args.queries:
         queries, cond = load_tensors(args.queries)
         if cond is not None and not getattr(engine.model, "is_conditional", True):
             raise ValueError(
@@ -671,10 +771,29 @@ def build_parser() -> argparse.ArgumentParser:
     topk.add_argument("--curvature", required=True, help="folder written by `fastinf fit`")
     source = topk.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--queries", help="query images file (.safetensors `images`/`labels`, .pt or .npy)"
+        "--queries",
+        help="query images file (.safetensors `images`/`labels`, .pt or .npy); with "
+        "--pipeline also an image folder with metadata.jsonl prompts, or latents",
     )
     source.add_argument(
         "--generate", type=positive_int, help="sample this many queries from the model"
+    )
+    topk.add_argument(
+        "--prompt",
+        help="needs --pipeline: the text the queries are generated from (--generate) or "
+        "measured with (--queries without metadata.jsonl)",
+    )
+    topk.add_argument(
+        "--sample-steps",
+        type=positive_int,
+        default=50,
+        help="needs --pipeline: sampler steps of --generate",
+    )
+    topk.add_argument(
+        "--guidance-scale",
+        type=nonnegative_float,
+        default=1.0,
+        help="needs --pipeline: classifier-free guidance of --generate (1: none)",
     )
     topk.add_argument(
         "--k", type=positive_int, default=10, help="proponents and opponents per query"
@@ -884,6 +1003,45 @@ def _html_file(path: str, out: str | None) -> None:
     _output_file(path, "--html")
 
 
+def _check_pipeline_arguments(args: argparse.Namespace) -> None:
+    """--pipeline and the options that need it or exclude it."""
+    pipeline = getattr(args, "pipeline", None)
+    if not pipeline:
+        for option in ("lora", "latents", "prompt"):
+            if getattr(args, option, None) is not None:
+                raise ValueError(f"--{option} needs --pipeline (a text-to-image pipeline folder).")
+        return
+    if args.command == "serve":
+        raise ValueError(
+            "fastinf serve does not take --pipeline yet; attribute text-to-image queries with "
+            "`fastinf topk --pipeline ... --prompt ...`."
+        )
+    if args.weights:
+        raise ValueError("--weights and --pipeline both name the model; pass one of them.")
+    if not Path(pipeline).is_dir():
+        raise FileNotFoundError(
+            f"--pipeline {pipeline} is not a folder; pass the folder save_pretrained wrote."
+        )
+    if not args.data or not Path(args.data).is_dir():
+        raise ValueError(
+            "--pipeline needs --data DIR: an image folder with metadata.jsonl (file_name, "
+            "text), the captioned layout of diffusers' text-to-image training."
+        )
+    if args.lora is not None and not Path(args.lora).exists():
+        raise FileNotFoundError(f"--lora {args.lora} does not exist.")
+    if args.command == "topk":
+        if args.generate and args.prompt is None:
+            raise ValueError("--generate with --pipeline needs --prompt TEXT to sample from.")
+        queries = args.queries
+        if queries and not Path(queries).is_dir() and args.prompt is None:
+            raise ValueError(
+                f"--queries {queries} is a tensor file, which holds no prompts; pass --prompt "
+                "TEXT, or an image folder with metadata.jsonl."
+            )
+        if args.html is not None:
+            raise ValueError("--html does not show latent-space results yet; drop it.")
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse missing inputs, outputs of the wrong kind, finished work that would be
     replaced and options given without the one they need — before anything is computed."""
@@ -892,7 +1050,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         _existing_file(str(Path(args.weights).with_suffix(".json")), "--weights' sidecar")
     if getattr(args, "data", None):
         _existing_data(args.data)
-    if args.command == "topk" and args.queries:
+    _check_pipeline_arguments(args)
+    topk_file = args.command == "topk" and args.queries
+    if topk_file and not (args.pipeline and Path(args.queries).is_dir()):
         _existing_file(args.queries, "--queries", TENSOR_SUFFIXES)
     if getattr(args, "curvature", None):
         _existing_artifact(args.curvature, "--curvature", "curvature.json", "fastinf fit")

@@ -25,6 +25,7 @@ __all__ = [
     "PerExampleGradients",
     "backprop_curvature_seed",
     "backprop_objective",
+    "collate_items",
     "draw_passes",
     "example_blocks",
     "forward_draws",
@@ -57,7 +58,9 @@ class ExampleBlock:
     cond: Tensor | None
 
 
-def _collate(items: list) -> tuple[Tensor, Tensor | None]:
+def collate_items(items: list) -> tuple[Tensor, Tensor | None]:
+    """Dataset items (`fastinf.data`) as (images [B, C, H, W], the model's cond: labels
+    [B], conditioning tensors [B, ...] or None)."""
     images, conds = [], []
     for item in items:
         image, cond = split_item(item)
@@ -114,7 +117,7 @@ def _blocks(dataset: Dataset, block_size: int, order: list[int], num_workers: in
         batch_size=block_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_items,
     )
     start = 0
     for images, cond in loader:

@@ -14,8 +14,15 @@ Layout (every file is fastinf's own; nothing else in the folder is touched):
     DIR/latents.json               manifest: VAE fingerprint and scaling factor, dataset
                                    fingerprint, count, shard size, latent shape; `complete`
     DIR/latents_00007.safetensors  rows [7·S, 8·S): `latents` [n, c, h, w] float32, `cond`
-                                   [n] int64 class labels (-1: none)
+                                   [n] int64 class labels (-1: none) or, for a captioned
+                                   dataset, `states` [n, L, D] float32: each caption as the
+                                   pipeline's text encoder encodes it
     DIR/latents_00007.json         that shard's rows and SHA-256, written after it
+
+A captioned dataset (items `(image, caption)`, e.g. an image folder with `metadata.jsonl`)
+needs `captions=`, a `fastinf.text.CaptionCache`: each distinct caption is encoded once, and
+the manifest records the text encoder's fingerprint beside the VAE's. Its items are then
+`(latent, states [L, D])`, what a cross-attention UNet is called with.
 
 A build writes the manifest first, then each shard and its record; rerun after a kill, it
 keeps every shard whose record and checksum agree and encodes the rest. A folder made for
@@ -48,6 +55,7 @@ from .artifacts import (
 )
 from .data import split_item, validate_images
 from .locks import writer_lock
+from .text import CaptionCache, PromptEncoder
 
 __all__ = ["LatentDataset", "LatentStore", "encode_images"]
 
@@ -81,14 +89,24 @@ def _vae_identity(vae: nn.Module) -> dict:
     }
 
 
-def _item(dataset: Dataset, index: int) -> tuple[Tensor, int]:
+def _item(dataset: Dataset, index: int, captioned: bool) -> tuple[Tensor, int | str]:
     image, cond = split_item(dataset[index])
     if isinstance(cond, Tensor) and cond.dim() > 0:
         raise ValueError(
             f"item {index} carries a conditioning tensor {tuple(cond.shape)}; the latent store "
-            "keeps class labels only; keep text states beside it (TextStatesDataset)."
+            "keeps class labels or captions; keep text states beside it (TextStatesDataset)."
         )
-    return torch.as_tensor(image), int(cond)
+    if captioned and not isinstance(cond, str):
+        raise ValueError(
+            f"item {index} has no caption (cond {cond!r}); every item of a captioned dataset "
+            "needs one (an image folder's metadata.jsonl: file_name, text)."
+        )
+    if isinstance(cond, str) and not captioned:
+        raise ValueError(
+            f"item {index} has the caption {cond[:40]!r}; pass captions=CaptionCache(folder, "
+            "encoder) to encode the captions with the pipeline's text encoder."
+        )
+    return torch.as_tensor(image), cond if captioned else int(cond)
 
 
 class LatentStore:
@@ -109,23 +127,28 @@ class LatentStore:
         shard_size: int = 1024,
         batch_size: int = 32,
         verify: str | None = None,
+        captions: CaptionCache | None = None,
     ) -> LatentStore:
-        """Encode every item of `dataset` (images in [-1, 1], optional labels) into
-        `directory`, resuming the shards a killed build finished; returns the store.
+        """Encode every item of `dataset` (images in [-1, 1], optional labels, or captions
+        encoded through `captions`) into `directory`, resuming the shards a killed build
+        finished; returns the store.
 
         Raises:
-            ArtifactMismatchError: the folder holds latents of another VAE or dataset.
+            ArtifactMismatchError: the folder holds latents of another VAE, text encoder or
+                dataset.
         """
         if not isinstance(shard_size, int) or shard_size < 1:
             raise ValueError(f"shard_size={shard_size!r} must be an integer >= 1.")
         if len(dataset) == 0:
             raise ValueError("the dataset is empty; there is nothing to encode.")
         directory = Path(directory)
-        first = _item(dataset, 0)[0]
+        captioned = captions is not None
+        first = _item(dataset, 0, captioned)[0]
         validate_images(first, tuple(first.shape), what="training image 0")
         identity = {
             "format": FORMAT,
             "vae": _vae_identity(vae),
+            "text": captions.encoder.fingerprint if captioned else None,
             "dataset": dataset_fingerprint(dataset, verify),
             "count": len(dataset),
             "shard_size": shard_size,
@@ -145,13 +168,17 @@ class LatentStore:
                 end = min(begin + shard_size, len(dataset))
                 if _shard_ok(directory, number, end - begin):
                     continue
-                items = [_item(dataset, index) for index in range(begin, end)]
+                items = [_item(dataset, index, captioned) for index in range(begin, end)]
                 images = torch.stack([image for image, _ in items])
                 validate_images(images, tuple(images.shape[1:]), what=f"images {begin}..{end - 1}")
                 latents = encode_images(vae, images, batch_size)
-                labels = torch.tensor([cond for _, cond in items], dtype=torch.int64)
+                conds = [cond for _, cond in items]
+                tensors = {"latents": latents}
+                if captioned:
+                    tensors["states"] = captions.states(conds)
+                else:
+                    tensors["cond"] = torch.tensor(conds, dtype=torch.int64)
                 shard = _shard_path(directory, number)
-                tensors = {"latents": latents, "cond": labels}
                 atomic_write(shard, lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
                 record = {"rows": end - begin, "sha256": file_sha256(shard)}
                 atomic_write_text(shard.with_suffix(".json"), json.dumps(record) + "\n")
@@ -168,8 +195,14 @@ class LatentStore:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: str | os.PathLike, vae: nn.Module | None = None) -> LatentStore:
-        """A finished store; with `vae`, refused unless it was encoded by that VAE."""
+    def open(
+        cls,
+        directory: str | os.PathLike,
+        vae: nn.Module | None = None,
+        encoder: PromptEncoder | None = None,
+    ) -> LatentStore:
+        """A finished store; with `vae` (`encoder`), refused unless it was encoded by that
+        VAE (its captions by that text encoder)."""
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.exists():
@@ -188,6 +221,12 @@ class LatentStore:
                 f"the latent store in {directory} was encoded by another VAE (fingerprint "
                 f"{manifest['vae']['fingerprint']}, this one {model_fingerprint(vae)}); "
                 "encode the training set with this VAE into a new folder."
+            )
+        if encoder is not None and manifest.get("text") != encoder.fingerprint:
+            raise ArtifactMismatchError(
+                f"the captions of the latent store in {directory} were encoded by another text "
+                f"encoder ({manifest.get('text')}, this one {encoder.fingerprint}); encode the "
+                "training set with this pipeline into a new folder."
             )
         return cls(directory, manifest)
 
@@ -239,11 +278,13 @@ class LatentDataset(Dataset):
             self._cached = cached
         return cached[1]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int | Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"latent {index} is out of range 0..{len(self) - 1}.")
         shard = self._shard(index // self.shard_size)
         row = index % self.shard_size
+        if "states" in shard:
+            return shard["latents"][row], shard["states"][row]
         return shard["latents"][row], int(shard["cond"][row])
 
     def fingerprint(self, verify: str | None = None) -> str:
@@ -251,6 +292,8 @@ class LatentDataset(Dataset):
         bytes (no shard is read; the digest is the same in either mode)."""
         manifest = self.store.manifest
         fields = {key: manifest[key] for key in ("vae", "dataset", "count", "shards")}
+        if manifest.get("text"):
+            fields["text"] = manifest["text"]
         return f"{verify or 'full'}:" + canonical_digest({"latents": fields})[:16]
 
 
@@ -284,6 +327,7 @@ def _read_manifest(path: Path) -> dict:
 def _check_identity(found: dict, expected: dict, directory: Path) -> None:
     for key, what in (
         ("vae", "another VAE"),
+        ("text", "another text encoder"),
         ("dataset", "another dataset"),
         ("count", "another number of images"),
         ("shard_size", "another shard size"),

@@ -70,7 +70,14 @@ def _check_conv(name: str, conv: nn.Conv2d) -> None:
 
 
 LayerSelect = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
-"""Which layers to track: None (all), name globs, or a predicate (name, module) -> bool."""
+"""Which layers to track: None (all), name globs, "lora", or a predicate (name, module) -> bool."""
+
+LORA = "lora"  # the selection of a peft LoRA adapter's lora_A / lora_B layers
+
+
+def _is_lora(name: str) -> bool:
+    parts = name.split(".")
+    return "lora_A" in parts or "lora_B" in parts
 
 
 def find_layers(model: nn.Module, select: LayerSelect = None) -> dict[str, LayerInfo]:
@@ -84,7 +91,8 @@ def find_layers(model: nn.Module, select: LayerSelect = None) -> dict[str, Layer
             them; a pattern also matches the name without the prefix of fastinf's own
             wrapper (`model.layer_prefix`, "unet." for a diffusers UNet), so
             "up_blocks.*" and "unet.up_blocks.*" both work. A pattern that matches no
-            trainable layer is an error that lists the names. A callable
+            trainable layer is an error that lists the names. "lora" keeps a peft LoRA
+            adapter's `lora_A` / `lora_B` layers and is an error without any. A callable
             `select(name, module) -> bool` keeps the layers it returns True for.
     """
     layers: dict[str, LayerInfo] = {}
@@ -114,6 +122,15 @@ def find_layers(model: nn.Module, select: LayerSelect = None) -> dict[str, Layer
 
 
 def _select(layers: dict[str, LayerInfo], select, prefix: str) -> dict[str, LayerInfo]:
+    if isinstance(select, str) and select.strip() == LORA:
+        chosen = {name: info for name, info in layers.items() if _is_lora(name)}
+        if not chosen:
+            raise ValueError(
+                "layers='lora' asks for LoRA adapter weights, but the model has no trainable "
+                "lora_A / lora_B layers; load an adapter (--lora PATH, or "
+                "fastinf.pipeline.load_lora) or choose layers by name."
+            )
+        return chosen
     if callable(select):
         chosen = {name: info for name, info in layers.items() if select(name, info.module)}
         if not chosen:

@@ -165,12 +165,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def as_eps_model(model: nn.Module) -> nn.Module:
     """Wrap a `UNet2DModel` in `DiffusersEpsModel` and a `UNet2DConditionModel` in
-    `DiffusersCrossAttentionEpsModel`; return any other module unchanged.
+    `DiffusersCrossAttentionEpsModel` (a peft `PeftModel` around either is unwrapped to its
+    adapter-injected UNet first); return any other module unchanged.
 
     A module that is not a UNet2DModel must already be callable as
     `model(x_t, timesteps, cond) -> eps_pred` (module docstring) and should define
     `sample_shape`, or callers must pass the sample shape explicitly.
     """
+    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()  # peft.get_peft_model's wrapper: its LoRA-injected UNet
     if isinstance(model, UNet2DModel):
         return DiffusersEpsModel(model)
     if isinstance(model, UNet2DConditionModel):

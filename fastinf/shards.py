@@ -69,6 +69,7 @@ __all__ = [
     "open_image_data",
 ]
 
+METADATA = "metadata.jsonl"  # an image folder's captions (diffusers' text-to-image layout)
 SAMPLE_ITEMS = 64  # images hashed by a "sample" fingerprint, as `dataset_fingerprint` samples
 _MODES = {1: "L", 3: "RGB"}
 _PIXEL_SCALE = 127.5
@@ -281,13 +282,18 @@ class ImageFolderDataset(StoredImageDataset):
     folder name (`classes`), or images directly in `root` (unconditional). Hidden files are
     skipped and files of other types ignored. Each class folder is a shard.
 
+    **Captions.** A `root/metadata.jsonl` (the layout diffusers' text-to-image training
+    scripts read: one JSON object per line, `file_name` relative to `root` and the caption
+    under `caption_column`, "text" by default) makes a captioned dataset: every image needs
+    exactly one caption, and items are `(image, caption str)` (class folders, if any, then
+    only group the files). `captions` lists them in item order.
+
     Args:
         root: the folder.
         sample_shape: the declared (C, H, W) of every image (C = 1 or 3).
         resize, convert: adapt images of another size / mode instead of refusing them
             (`decode_image`).
-    Per-image metadata (such as captions) would be listed beside the files in
-    `_list_folder`, keyed by the relative names it returns.
+        caption_column: the metadata.jsonl field that holds the caption.
     """
 
     def __init__(
@@ -297,10 +303,12 @@ class ImageFolderDataset(StoredImageDataset):
         *,
         resize: bool = False,
         convert: bool = False,
+        caption_column: str = "text",
     ):
         self.root = Path(root)
         self.classes, files = _list_folder(self.root)
         names = [name for group in files for name in group]
+        self.captions = _read_captions(self.root, names, caption_column)
         labels = None
         if self.classes:
             labels = [label for label, group in enumerate(files) for _ in group]
@@ -318,11 +326,69 @@ class ImageFolderDataset(StoredImageDataset):
     def _describe(self) -> str:
         return f"image folder {self.root}"
 
+    def _index_columns(self) -> list[np.ndarray]:
+        columns = super()._index_columns()
+        if self.captions is not None:
+            digest = hashlib.sha256(json.dumps(self.captions).encode()).digest()
+            columns.append(np.frombuffer(digest, dtype=np.uint8))
+        return columns
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor | int | str]:
+        image, label = super().__getitem__(index)
+        if self.captions is None:
+            return image, label
+        return image, self.captions[int(index) % len(self)]
+
     def _read(self, index: int) -> bytes:
         return (self.root / os.fsdecode(self.names[index])).read_bytes()
 
     def _where(self, index: int) -> str:
         return f"image {self.root / os.fsdecode(self.names[index])}"
+
+
+def _read_captions(root: Path, names: list[str], column: str) -> list[str] | None:
+    """The caption of each of `names` from `root/metadata.jsonl`; None without that file."""
+    path = root / METADATA
+    if not path.is_file():
+        return None
+    captions: dict[str, str] = {}
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise ValueError(
+                    f"{where} is not JSON ({error}); write one object per line, e.g. "
+                    '{"file_name": "0001.png", "text": "a photo of a 3"}.'
+                ) from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise ValueError(f"{where} has no file_name; name the image it captions.")
+            if not isinstance(row.get(column), str):
+                raise ValueError(
+                    f"{where} ({row['file_name']}) has no {column!r} caption string; add it, or "
+                    "choose the caption field with caption_column."
+                )
+            name = Path(row["file_name"]).as_posix()
+            if name in captions:
+                raise ValueError(f"{where} captions {name} a second time; keep one line per image.")
+            captions[name] = row[column]
+    missing = [name for name in names if name not in captions]
+    if missing:
+        raise ValueError(
+            f"image {root / missing[0]} has no caption in {path} ({len(missing)} of "
+            f"{len(names)} images lack one); add a line "
+            f'{{"file_name": "{missing[0]}", "{column}": "..."}} for each.'
+        )
+    stray = sorted(set(captions) - set(names))
+    if stray:
+        raise ValueError(
+            f"{path} captions {stray[0]}, which is not an image of {root} ({len(stray)} such "
+            "lines); fix the file_name or remove the line."
+        )
+    return [captions[name] for name in names]
 
 
 def _list_folder(root: Path) -> tuple[list[str], list[list[str]]]:

@@ -31,7 +31,7 @@ def autograd_example_gradient(model, schedule, image, cond, example_id, num_draw
     else:
         cond_items = torch.full((num_draws,), cond)
     loss = (model(x_t, timesteps, cond_items) - noise).square().flatten(1).mean(1).mean()
-    params = dict(model.named_parameters())
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # θ
     return dict(
         zip(
             params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True

@@ -144,3 +144,109 @@ def run_cli(*args: str) -> tuple[int, str, list[str]]:
     *lines, probe = done.stderr.strip().splitlines()
     loaded = re.search(r"LOADED (\[.*\]) CODE", probe).group(1)
     return int(probe.rsplit(" ", 1)[1]), "\n".join(lines), ast.literal_eval(loaded)
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def tiny_clip_tokenizer(folder, max_length=8):
+    """A character-level CLIPTokenizer written from scratch (vocab.json, merges.txt)."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {char: i for i, char in enumerate(CHARS)}
+    vocab |= {char + "</w>": len(CHARS) + i for i, char in enumerate(CHARS)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
+    )
+
+
+def tiny_sd_pipeline(folder, seed=0, image_size=8, max_length=8, width=16):
+    """A Stable-Diffusion-layout pipeline folder built from configs: a 1-channel 8×8 VAE
+    (2-channel 4×4 latents), a 1-layer CLIP text encoder, a cross-attention UNet, DDPM."""
+    import tempfile
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel as ConditionUNet
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = tiny_clip_tokenizer(scratch, max_length)
+    vocab = tokenizer.get_vocab()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=max_length,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=2,
+        norm_num_groups=4,
+        sample_size=image_size,
+    )
+    unet = ConditionUNet(
+        sample_size=image_size // 2,
+        in_channels=2,
+        out_channels=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=width,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    return Path(folder)
+
+
+def captioned_folder(folder, count=6, size=8, seed=0):
+    """A grey image folder with metadata.jsonl: image i captioned 'digit <i mod 3>'."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(seed)
+    lines = []
+    for i in range(count):
+        pixels = generator.integers(0, 256, (size, size), dtype=np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": f"digit {i % 3}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..curvature import EigenbasisCurvature
+from ..gradients import collate_items
 from ..queries import QueryPreparer
 from ..scoring import ExactScorer
 from ..source import GradientSource
@@ -51,9 +52,13 @@ def first_stage_recall(
         return {}
     candidates = min(max(config.exact_rerank, k), len(pool) - 1)
     asked = pool[: min(MAX_QUERIES, len(pool))]
-    images = torch.stack([torch.as_tensor(source.train_set[i][0]) for i in asked])
+    # Training examples as queries, each measured with its own conditioning (a conditional
+    # model's; an unconditional one ignores the labels a dataset may carry).
+    images, cond = collate_items([source.train_set[i] for i in asked])
+    if not getattr(source.model, "is_conditional", False):
+        cond = None
     preparer = QueryPreparer(source, curvature)
-    cache = preparer.prepare(images)
+    cache = preparer.prepare(images, cond)
     exact = ExactScorer(source, preparer).scores(cache, pool)
     queries = quantizer.query(encoder.encode(as_float64(cache.preconditioned), preconditioned=True))
     stored = quantizer.values(quantizer.store(pool_vectors))
