@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastinf-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo demo-text test lint format bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m fastinf demo --out demo_out
+
+# The text-conditional default: prompt -> sample -> proponents and opponents.
+demo-text: $(STAMP)
+	$(PY) -m fastinf demo --text --out demo_text_out
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -34,4 +38,4 @@ bench: $(STAMP)
 	$(PY) -m pytest bench -q
 
 clean:
-	rm -rf $(VENV) demo_out .fastinf_cache .pytest_cache
+	rm -rf $(VENV) demo_out demo_text_out .fastinf_cache .pytest_cache

@@ -4,6 +4,7 @@ Run from the repository root (not collected by pytest):
 
     .venv/bin/python bench/e2e.py            # full run, ~13-16 min on a 2-core CPU
     .venv/bin/python bench/e2e.py --quick    # ~2-3 min
+    .venv/bin/python bench/e2e.py --model text-digits   # the text-conditional default
 
 On the embedded digits DDPM (`load_digits_model`, `default_schedule`, `load_digits_dataset`)
 it times, side by side in this one process:
@@ -17,7 +18,11 @@ it times, side by side in this one process:
 - scaling of scoring in N, Q and K, each point with its own floor.
 
 Queries are DDPM samples of the model itself (`sample_ddpm(..., seed=0,
-num_inference_steps=50)`). Every score/floor pair is timed in alternating rounds and the
+num_inference_steps=50)`). With `--model text-digits` the model is the text-conditional
+default (cross-attention to text states): the training set is the captioned digits, each
+example's caption states go through the floor as through fastinf, and the queries are
+sampled from, prepared with and scored under their prompts (`fastinf.lds.query_prompts`);
+its files are `e2e_<device>_text*`. Every score/floor pair is timed in alternating rounds and the
 median is reported. Rows are appended to `bench/results/e2e_<device>.csv` and the run's
 summary is written to `bench/results/e2e_<device>.md`.
 """
@@ -43,8 +48,10 @@ from fastinf.data import load_digits_dataset
 from fastinf.diffusion import Purpose
 from fastinf.engine import InfluenceEngine
 from fastinf.gradients import DrawSpec, ExampleBlock, draw_passes, forward_draws
+from fastinf.lds import query_prompts
 from fastinf.models import default_schedule, load_digits_model
 from fastinf.sampling import sample_ddpm
+from fastinf.text_digits import load_text_digits_dataset, load_text_digits_model, load_text_encoder
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +182,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
 
 
 # -- the floor -----------------------------------------------------------------------------
-def floor_pass(model, schedule, images: torch.Tensor, num_examples: int, config: ScoreConfig):
+def floor_pass(
+    model, schedule, images: torch.Tensor, num_examples: int, config: ScoreConfig, conds=None
+):
     """Plain forward + `loss.backward()` over the draws `engine.score` uses, in its passes.
 
     Same draws (ids 0..N-1, draw ids 0..K-1, purpose TRAIN_GRADIENT, same seed), same pass
@@ -185,7 +194,8 @@ def floor_pass(model, schedule, images: torch.Tensor, num_examples: int, config:
     spec = DrawSpec(Purpose.TRAIN_GRADIENT, config.train_draws, config.seed)
     for block_start in range(0, num_examples, config.block_size):
         ids = torch.arange(block_start, min(block_start + config.block_size, num_examples))
-        block = ExampleBlock(ids, images[ids].to(device), None)
+        cond = None if conds is None else conds[ids].to(device)
+        block = ExampleBlock(ids, images[ids].to(device), cond)
         for _, part, part_spec in draw_passes(block, spec, config.batch_size):
             eps_pred, noise, _ = forward_draws(model, schedule, part, part_spec)
             per_draw = (eps_pred - noise).square().flatten(1).mean(1)
@@ -193,7 +203,7 @@ def floor_pass(model, schedule, images: torch.Tensor, num_examples: int, config:
             (per_draw.sum() / config.train_draws).backward()
 
 
-def floor_mismatch(engine: InfluenceEngine, images: torch.Tensor) -> float:
+def floor_mismatch(engine: InfluenceEngine, images: torch.Tensor, conds=None) -> float:
     """Largest relative difference, over tracked layers, between the floor's parameter
     gradient for example 0 and fastinf's train gradient of it.
 
@@ -201,7 +211,7 @@ def floor_mismatch(engine: InfluenceEngine, images: torch.Tensor) -> float:
     same draws; the benchmark refuses to report ratios when they disagree.
     """
     model = engine.model
-    floor_pass(model, engine.schedule, images, 1, engine.config)
+    floor_pass(model, engine.schedule, images, 1, engine.config, conds)
     grads = engine.train_gradients([0])
     worst = 0.0
     for name, info in engine.layers.items():
@@ -268,9 +278,16 @@ def run(args) -> list[Row]:
         f"commit {ctx.commit}, load {load_before:.2f}"
     )
 
-    model = load_digits_model(device)
     schedule = default_schedule()
-    dataset = load_digits_dataset()
+    if args.model == "text-digits":
+        encoder = load_text_encoder()
+        model = load_text_digits_model(device)
+        dataset = load_text_digits_dataset(encoder)
+        conds = dataset.states
+        subject = "text-conditional digits DDPM (cross-attention)"
+    else:
+        model, dataset, conds = load_digits_model(device), load_digits_dataset(), None
+        subject = "digits DDPM"
     plan = make_plan(args.quick, len(dataset))
     points = plan_points(plan)
     all_points = [point for axis in points.values() for point in axis]
@@ -278,8 +295,12 @@ def run(args) -> list[Row]:
     base_config = ScoreConfig()
     rows: list[Row] = []
 
+    query_cond = None if conds is None else encoder.encode(query_prompts(q_max))
     queries, seconds, _ = timed(
-        lambda: sample_ddpm(model, schedule, q_max, seed=0, num_inference_steps=50), device
+        lambda: sample_ddpm(
+            model, schedule, q_max, seed=0, num_inference_steps=50, cond=query_cond
+        ),
+        device,
     )
     print(f"queries: {q_max} DDPM samples (50 steps) in {seconds:.1f}s")
 
@@ -303,7 +324,7 @@ def run(args) -> list[Row]:
     rows.append(ctx.row("fit", "fastinf_fit", fit_n, 0, 0, 0, [seconds], [load], note=note))
     print(f"fit: N={fit_n} in {seconds:.1f}s")
 
-    full_cache, seconds, load = timed(lambda: base.prepare_queries(queries), device)
+    full_cache, seconds, load = timed(lambda: base.prepare_queries(queries, query_cond), device)
     k_q = base_config.query_draws
     rows.append(
         ctx.row("prepare_queries", "fastinf_prepare_queries", 0, q_max, 0, k_q, [seconds], [load])
@@ -311,7 +332,7 @@ def run(args) -> list[Row]:
     print(f"prepare_queries: Q={q_max}, K_q={k_q} in {seconds:.1f}s")
     caches = {q: full_cache.select(slice(0, q)) for _, q, _ in all_points}
 
-    mismatch = floor_mismatch(base, dataset.images)
+    mismatch = floor_mismatch(base, dataset.images, conds)
     if mismatch > FLOOR_TOLERANCE:
         raise SystemExit(
             f"the floor's gradient differs from fastinf's by {mismatch:.2e} (relative); the "
@@ -320,7 +341,7 @@ def run(args) -> list[Row]:
     print(f"floor check: parameter gradients match fastinf's to {mismatch:.1e} (relative)")
 
     # Warm-up (allocator, first-call costs), untimed.
-    floor_pass(model, schedule, dataset.images, 16, base_config)
+    floor_pass(model, schedule, dataset.images, 16, base_config, conds)
     model.zero_grad(set_to_none=True)
     base.score(caches[q_max], k=TOP_K, indices=list(range(16)))
 
@@ -329,7 +350,7 @@ def run(args) -> list[Row]:
         engine_for(k).score(caches[q], k=min(TOP_K, n), indices=indices)
 
     def floor_once(n: int, k: int) -> None:
-        floor_pass(model, schedule, dataset.images, n, ScoreConfig(train_draws=k))
+        floor_pass(model, schedule, dataset.images, n, ScoreConfig(train_draws=k), conds)
         model.zero_grad(set_to_none=True)
 
     unique_scores = sorted(set(all_points))
@@ -362,17 +383,21 @@ def run(args) -> list[Row]:
             )
 
     total = time.perf_counter() - wall_start
-    summary = summarise(rows, plan, total, mismatch)
+    params = sum(param.numel() for param in model.parameters()) / 1e6
+    summary = summarise(rows, plan, total, mismatch, f"{subject} ({params:.2f}M params)")
     print("\n".join(summary))
-    path = RESULTS_DIR / f"e2e_{ctx.device_tag}.csv"
+    tag = ctx.device_tag + ("_text" if args.model == "text-digits" else "")
+    path = RESULTS_DIR / f"e2e_{tag}.csv"
     write_rows(rows, path)
     suffix = "_quick" if args.quick else ""
-    (RESULTS_DIR / f"e2e_{ctx.device_tag}{suffix}.md").write_text("\n".join(summary) + "\n")
+    (RESULTS_DIR / f"e2e_{tag}{suffix}.md").write_text("\n".join(summary) + "\n")
     print(f"rows appended to {path}")
     return rows
 
 
-def summarise(rows: list[Row], plan: Plan, total_s: float, mismatch: float) -> list[str]:
+def summarise(
+    rows: list[Row], plan: Plan, total_s: float, mismatch: float, subject: str
+) -> list[str]:
     """The markdown summary of one run: headline, fit/prepare, scaling tables and fits."""
 
     def pick(bench: str, method: str) -> list[Row]:
@@ -382,7 +407,7 @@ def summarise(rows: list[Row], plan: Plan, total_s: float, mismatch: float) -> l
     lines = [
         f"# fastinf end-to-end benchmark ({first.mode} run {first.run})",
         "",
-        f"digits DDPM (0.70M params), device {first.device}, torch {first.torch}, "
+        f"{subject}, device {first.device}, torch {first.torch}, "
         f"{first.threads} threads, commit {first.git_commit}, load average before the run "
         f"{first.load_before}; total wall time {total_s / 60:.1f} min. Medians of repeats; "
         "ratio = fastinf scoring / floor (plain forward+backward over the same draws; its "
@@ -439,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="~2-3 minute version")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--model",
+        choices=["digits", "text-digits"],
+        default="digits",
+        help="the embedded default to time: the digits DDPM or the text-conditional one",
+    )
     parser.add_argument(
         "--max-load", type=float, default=1.5, help="wait until the 1-min load is below this"
     )

@@ -466,9 +466,20 @@ def _cmd_index(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import TEXT_DEMO_PROMPTS, run_demo, run_text_demo
 
-    summary = run_demo(args.out, num_queries=args.queries, k=args.k, seed=args.seed)
+    if args.text:
+        summary = run_text_demo(
+            args.out,
+            prompts=args.prompt or TEXT_DEMO_PROMPTS,
+            per_prompt=args.queries or 2,
+            k=args.k,
+            seed=args.seed,
+        )
+    elif args.prompt:
+        raise ValueError("--prompt needs --text (the text-conditional default).")
+    else:
+        summary = run_demo(args.out, num_queries=args.queries or 8, k=args.k, seed=args.seed)
     print(json.dumps(summary["timings"]))
     print(f"grid: {Path(args.out) / 'grid.png'}  results: {Path(args.out) / 'results.json'}")
     return 0
@@ -531,6 +542,7 @@ def _cmd_lds(args) -> int:
 
     config = LDSConfig(
         num_train=args.num_train,
+        model=args.model,
         num_subsets=args.subsets,
         fraction=args.fraction,
         oracle_subsets=args.oracle_subsets,
@@ -878,6 +890,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="ekfac,grad-dot",
         help=f"comma list of: {', '.join(LDS_METHODS)}",
     )
+    lds.add_argument(
+        "--model",
+        choices=["digits", "text-digits"],
+        default="digits",
+        help="the model under test: the digits DDPM's architecture, or the text-conditional "
+        "default's (captioned digits; queries sampled from prompts)",
+    )
     lds.add_argument("--subsets", type=positive_int, default=50, help="M retrained subsets")
     lds.add_argument(
         "--oracle-subsets", type=positive_int, default=25, help="subsets retrained with a 2nd seed"
@@ -905,11 +924,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _command(
         commands,
         "demo",
-        "sample, fit, attribute and draw the grid on the digits default",
+        "sample, fit, attribute and draw the grid on the digits default (--text: prompt → "
+        "sample → proponents and opponents on the text-conditional default)",
         "fastinf demo --out demo_out",
     )
     demo.add_argument("--out", default="demo_out", help="folder for grid.png and results.json")
-    demo.add_argument("--queries", type=positive_int, default=8, help="samples to attribute")
+    demo.add_argument("--text", action="store_true", help="use the text-conditional digits default")
+    demo.add_argument(
+        "--prompt",
+        action="append",
+        help="with --text: a prompt to sample from (repeat for several; default: four "
+        "prompts of different digits)",
+    )
+    demo.add_argument(
+        "--queries",
+        type=positive_int,
+        help="samples to attribute (default 8; with --text: samples per prompt, default 2)",
+    )
     demo.add_argument("--k", type=positive_int, default=6, help="proponents and opponents shown")
     demo.add_argument("--seed", type=int, default=0, help="sampling seed")
     demo.set_defaults(run=_cmd_demo)
@@ -1005,7 +1036,9 @@ def _html_file(path: str, out: str | None) -> None:
 
 def _check_pipeline_arguments(args: argparse.Namespace) -> None:
     """--pipeline and the options that need it or exclude it."""
-    pipeline = getattr(args, "pipeline", None)
+    if not hasattr(args, "pipeline"):  # a command without model options
+        return
+    pipeline = args.pipeline
     if not pipeline:
         for option in ("lora", "latents", "prompt"):
             if getattr(args, option, None) is not None:

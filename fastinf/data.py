@@ -202,11 +202,27 @@ class TextStatesDataset(Dataset):
     Args:
         images: [N, C, H, W] floating tensor.
         states: [N, L, D] floating tensor: item i's conditioning (its caption encoded).
+        captions: the N captions the states encode, kept for display (optional).
+        labels: [N] class labels, kept for display and evaluation, never a model input.
     Items are `(image [C, H, W], states [L, D])`.
     """
 
-    def __init__(self, images: Tensor, states: Tensor):
+    def __init__(
+        self,
+        images: Tensor,
+        states: Tensor,
+        captions: list[str] | None = None,
+        labels: Tensor | None = None,
+    ):
         self.images = _image_tensor(images)
+        for name, value in (("captions", captions), ("labels", labels)):
+            if value is not None and len(value) != images.shape[0]:
+                raise ValueError(
+                    f"{name} has {len(value)} entries for {images.shape[0]} images; give one "
+                    "per image."
+                )
+        self.captions = None if captions is None else list(captions)
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
         if (
             not isinstance(states, Tensor)
             or states.dim() != 3

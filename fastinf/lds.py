@@ -1,5 +1,9 @@
 """The LDS benchmark on digits: retrain on subsets, score with each method, compare.
 
+`LDSConfig.model` picks the model under test: "digits" (the unconditional digits DDPM's
+architecture) or "text-digits" (the text-conditional default's cross-attention UNet on the
+captioned digits: queries are sampled from prompts, and measured and scored with them).
+
 `LDSRun(run_dir, LDSConfig())` owns one benchmark directory:
 
     run_dir/setup.json               the config the directory was made with
@@ -30,15 +34,29 @@ from torch import Tensor
 from .artifacts import atomic_write, atomic_write_text
 from .config import CurvatureConfig, ScoreConfig
 from .curvature import as_kfac
-from .data import ImageTensorDataset, load_digits_dataset
+from .data import ImageTensorDataset, TextStatesDataset, load_digits_dataset
 from .engine import InfluenceEngine
 from .evaluation import LDSResult, lds, oracle_lds, subset_masks
 from .index.config import IndexConfig
 from .models import default_schedule, digits_unet_config
 from .retrain import ModelStore, QueryProbe, RetrainJob, RetrainRecipe
 from .sampling import sample_ddpm
+from .text_digits import (
+    digit_caption,
+    load_text_digits_dataset,
+    load_text_encoder,
+    text_digits_unet_config,
+)
 
-__all__ = ["LDSConfig", "LDSRun", "Method", "default_methods"]
+__all__ = ["LDS_MODELS", "LDSConfig", "LDSRun", "Method", "default_methods", "query_prompts"]
+
+LDS_MODELS = ("digits", "text-digits")
+
+
+def query_prompts(count: int, seed: int = 0) -> list[str]:
+    """The prompts of a text-digits benchmark's queries: digits 0..9 in turn, each round in
+    the next caption template."""
+    return [digit_caption(q % 10, q // 10 + seed) for q in range(count)]
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,10 @@ class LDSConfig:
     """The digits LDS benchmark (defaults fit in an hour on a 2-core CPU)."""
 
     num_train: int = field(default=1000, metadata={"help": "digits in the training set"})
+    model: str = field(
+        default="digits",
+        metadata={"help": "digits (unconditional) or text-digits (captioned, cross-attention)"},
+    )
     num_subsets: int = field(default=50, metadata={"help": "M: retrained subsets"})
     fraction: float = field(default=0.5, metadata={"help": "α: fraction each subset keeps"})
     oracle_subsets: int = field(
@@ -69,6 +91,8 @@ class LDSConfig:
     counterfactual_percents: tuple[float, ...] = (2.0, 10.0)
 
     def __post_init__(self) -> None:
+        if self.model not in LDS_MODELS:
+            raise ValueError(f"model={self.model!r} is not one of {LDS_MODELS}.")
         if not 0 <= self.oracle_subsets <= self.num_subsets:
             raise ValueError(
                 f"oracle_subsets={self.oracle_subsets} must be between 0 and num_subsets="
@@ -156,7 +180,7 @@ class LDSRun:
         growable = ("num_subsets", "oracle_subsets", "counterfactual_queries")
         recorded = json.loads(json.dumps(config.to_json()))
         if setup.exists():
-            found = json.loads(setup.read_text())
+            found = {"model": "digits"} | json.loads(setup.read_text())  # older records
             if _without(found, growable) != _without(recorded, growable):
                 raise ValueError(
                     f"{self.run_dir} holds a benchmark made with another config "
@@ -166,20 +190,35 @@ class LDSRun:
             atomic_write_text(setup, json.dumps(recorded, indent=1) + "\n")
         generator = torch.Generator().manual_seed(config.seed)
         chosen = torch.randperm(len(digits), generator=generator)[: config.num_train]
-        self.train_set = ImageTensorDataset(digits.images[chosen].clone())
+        self.encoder = None
+        if config.model == "text-digits":
+            self.encoder = load_text_encoder()
+            captioned = load_text_digits_dataset(self.encoder)
+            self.train_set = TextStatesDataset(
+                captioned.images[chosen].clone(),
+                captioned.states[chosen].clone(),
+                captions=[captioned.captions[i] for i in chosen.tolist()],
+                labels=captioned.labels[chosen],
+            )
+            unet_class, unet_config = "UNet2DConditionModel", text_digits_unet_config()
+        else:
+            self.train_set = ImageTensorDataset(digits.images[chosen].clone())
+            unet_class, unet_config = "UNet2DModel", digits_unet_config()
         self.schedule = default_schedule()
         self.store = ModelStore(
             self.run_dir / "models",
-            digits_unet_config(),
+            unet_config,
             self.train_set,
             self.schedule,
             config.recipe,
+            unet_class=unet_class,
         )
         self.masks = subset_masks(
             config.num_train, config.num_subsets, config.fraction, config.seed
         )
         self._engine: InfluenceEngine | None = None
         self._queries: Tensor | None = None
+        self._query_cond: Tensor | None = None
         self._curvatures: dict[str, object] = {}
 
     # -- models and measurements -----------------------------------------------------------
@@ -196,28 +235,47 @@ class LDSRun:
         ]
 
     def queries(self) -> Tensor:
-        """[Q, 1, 8, 8] samples of the base model (trained first if needed)."""
+        """[Q, 1, 8, 8] samples of the base model (trained first if needed); text-digits
+        samples each query from its prompt (`query_prompts`, states in `query_cond`)."""
         if self._queries is None:
             path = self.run_dir / "queries.safetensors"
             if path.exists():
-                self._queries = load_file(str(path))["queries"]
+                stored = load_file(str(path))
+                self._queries, self._query_cond = stored["queries"], stored.get("cond")
             else:
                 self.store.train([self.base_job()], num_workers=1)
                 model = self.store.load("base")
+                cond = None
+                if self.encoder is not None:
+                    prompts = query_prompts(self.config.num_queries, self.config.seed)
+                    cond = self.encoder.encode(prompts)
                 samples = sample_ddpm(
                     model,
                     self.schedule,
                     self.config.num_queries,
                     seed=self.config.seed,
                     num_inference_steps=self.config.sampling_steps,
+                    cond=cond,
                 )
-                _save_tensor(path, "queries", samples)
-                self._queries = samples
+                tensors = {"queries": samples} | ({} if cond is None else {"cond": cond})
+                atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+                self._queries, self._query_cond = samples, cond
         return self._queries
+
+    def query_cond(self) -> Tensor | None:
+        """The queries' conditioning: their prompts' text states [Q, L, D], or None."""
+        self.queries()
+        return self._query_cond
 
     def probe(self) -> QueryProbe:
         config = self.config
-        return QueryProbe(self.queries(), config.measurement, config.measurement_draws, config.seed)
+        return QueryProbe(
+            self.queries(),
+            config.measurement,
+            config.measurement_draws,
+            config.seed,
+            cond=self.query_cond(),
+        )
 
     def retrain(self) -> int:
         """Train every subset and oracle model not on disk yet; returns how many."""
@@ -285,9 +343,9 @@ class LDSRun:
         Methods that share the train objective and K are scored in one pass over the
         training set (their query caches are concatenated).
         """
-        queries = self.queries()
+        queries, cond = self.queries(), self.query_cond()
         engine = self.engine()
-        ids = engine.query_ids(queries)
+        ids = engine.query_ids(queries, cond)
         todo = [m for m in methods if not self._score_path(m).exists()]
         groups: dict[tuple[str, int], list[Method]] = defaultdict(list)
         for method in todo:
@@ -299,7 +357,7 @@ class LDSRun:
                 grad_key = (method.measurement, method.query_draws)
                 view = self._view(method)
                 if grad_key not in query_grads:
-                    query_grads[grad_key] = view.query_gradients(queries)
+                    query_grads[grad_key] = view.query_gradients(queries, cond)
                 caches.append(view.precondition_queries(query_grads[grad_key], ids))
             view = engine.with_config(train_objective=objective, train_draws=draws)
             matrices = view.score_matrices(caches)

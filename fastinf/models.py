@@ -229,18 +229,19 @@ def _sidecar_path(weights_path: Path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
-def save_unet(unet: UNet2DModel | DiffusersEpsModel, weights_path, metadata: dict) -> Path:
+def save_unet(unet: nn.Module, weights_path, metadata: dict) -> Path:
     """Write the UNet's state dict (fp32 safetensors) and a JSON sidecar with the same stem.
 
     Args:
-        unet: the model to save (its weights are copied to CPU fp32).
+        unet: the model to save: a UNet2DModel or UNet2DConditionModel, or fastinf's
+            adapter of one (its weights are copied to CPU fp32).
         weights_path: target `.safetensors` path; parent folders are created.
         metadata: JSON-serialisable provenance; `unet_config` (the UNet's constructor
             arguments) is added from the model itself.
     Returns:
         The sidecar path.
     """
-    unet = unet.unet if isinstance(unet, DiffusersEpsModel) else unet
+    unet = unet.unet if isinstance(unet, _DiffusersAdapter) else unet
     weights_path = Path(weights_path)
     state = {
         name: tensor.detach().to("cpu", torch.float32).contiguous()
@@ -248,7 +249,7 @@ def save_unet(unet: UNet2DModel | DiffusersEpsModel, weights_path, metadata: dic
     }
     atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
     config = {key: value for key, value in unet.config.items() if not key.startswith("_")}
-    sidecar = {"unet_config": config, **metadata}
+    sidecar = {"unet_class": type(unet).__name__, "unet_config": config, **metadata}
     return atomic_write_text(_sidecar_path(weights_path), json.dumps(sidecar, indent=2) + "\n")
 
 
@@ -275,16 +276,28 @@ def schedule_from_sidecar(sidecar: dict) -> NoiseSchedule:
     )
 
 
-def load_unet(weights_path, *, device: str | torch.device = "cpu") -> DiffusersEpsModel:
-    """Build a UNet from a sidecar's config and load its safetensors weights (no network).
+UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+
+
+def load_unet(
+    weights_path, *, device: str | torch.device = "cpu"
+) -> DiffusersEpsModel | DiffusersCrossAttentionEpsModel:
+    """Build a UNet from a sidecar's config and load its safetensors weights (no network);
+    the sidecar's `unet_class` (default UNet2DModel) names a `UNET_CLASSES` entry.
 
     Returns:
-        The adapted model in eval mode on `device`.
+        The adapted model (`as_eps_model`) in eval mode on `device`.
     """
     sidecar = load_sidecar(weights_path)
-    unet = UNet2DModel(**sidecar["unet_config"])
+    name = sidecar.get("unet_class", "UNet2DModel")
+    if name not in UNET_CLASSES:
+        raise ValueError(
+            f"{weights_path}'s sidecar names unet_class {name!r}; fastinf builds "
+            f"{sorted(UNET_CLASSES)}."
+        )
+    unet = UNET_CLASSES[name](**sidecar["unet_config"])
     unet.load_state_dict(load_file(str(weights_path)), strict=True)
-    return DiffusersEpsModel(unet).to(device).eval()
+    return as_eps_model(unet).to(device).eval()
 
 
 def load_digits_model(device: str | torch.device = "cpu") -> DiffusersEpsModel:

@@ -19,14 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from .artifacts import atomic_write_text
 from .diffusion import NoiseSchedule
 from .evaluation import measure_queries
-from .models import load_sidecar, load_unet, save_unet
+from .models import UNET_CLASSES, load_sidecar, load_unet, save_unet
 from .progress import progress_bar
 from .train import train_diffusion
 
@@ -65,13 +64,29 @@ class QueryProbe:
     measurement: str = "loss"
     num_draws: int = 512
     seed: int = 0
+    cond: Tensor | None = None  # each query's conditioning (e.g. its prompt's text states)
 
     def key(self) -> str:
-        digest = hashlib.sha256(self.queries.contiguous().numpy().tobytes()).hexdigest()[:16]
-        return f"{self.measurement}:{self.num_draws}:{self.seed}:{digest}"
+        digest = hashlib.sha256(self.queries.contiguous().numpy().tobytes())
+        if self.cond is not None:
+            digest.update(self.cond.contiguous().numpy().tobytes())
+        return f"{self.measurement}:{self.num_draws}:{self.seed}:{digest.hexdigest()[:16]}"
+
+    def measure(self, model, schedule: NoiseSchedule) -> Tensor:
+        """[Q] float64: the queries' measurement under `model`."""
+        return measure_queries(
+            model,
+            schedule,
+            self.queries,
+            measurement=self.measurement,
+            num_draws=self.num_draws,
+            seed=self.seed,
+            cond=self.cond,
+        )
 
 
 def _train_one(
+    unet_class: str,
     unet_config: dict,
     dataset: Dataset,
     schedule: NoiseSchedule,
@@ -83,7 +98,7 @@ def _train_one(
     """Train one model and write it (weights first, sidecar last)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.seed)
-        unet = UNet2DModel(**unet_config)
+        unet = UNET_CLASSES[unet_class](**unet_config)
     _, ema_model, history = train_diffusion(
         unet,
         Subset(dataset, list(job.kept)),
@@ -101,15 +116,7 @@ def _train_one(
     metadata["final_train_loss"] = history.final_loss(50)
     metadata["wall_time_s"] = round(history.wall_time_s, 1)
     if probe is not None:
-        values = measure_queries(
-            ema_model,
-            schedule,
-            probe.queries,
-            measurement=probe.measurement,
-            num_draws=probe.num_draws,
-            seed=probe.seed,
-        )
-        metadata["measurements"] = {probe.key(): values.tolist()}
+        metadata["measurements"] = {probe.key(): probe.measure(ema_model, schedule).tolist()}
     # The weights land before their sidecar: a run killed in between is not `is_trained`.
     save_unet(ema_model, path, metadata)
     return job.name
@@ -135,10 +142,11 @@ class ModelStore:
 
     Args:
         directory: where models are kept (created if missing).
-        unet_config: the `UNet2DModel` constructor arguments every model shares.
+        unet_config: the UNet constructor arguments every model shares.
         dataset: the training set the jobs' `kept` positions index.
         schedule: the noise schedule of training.
         recipe: the training recipe shared by every model.
+        unet_class: the UNet class (a `fastinf.models.UNET_CLASSES` name).
     """
 
     def __init__(
@@ -148,7 +156,11 @@ class ModelStore:
         dataset: Dataset,
         schedule: NoiseSchedule,
         recipe: RetrainRecipe,
+        unet_class: str = "UNet2DModel",
     ):
+        if unet_class not in UNET_CLASSES:
+            raise ValueError(f"unet_class {unet_class!r} is not one of {sorted(UNET_CLASSES)}.")
+        self.unet_class = unet_class
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.unet_config = unet_config
@@ -181,7 +193,7 @@ class ModelStore:
         missing = [job for job in jobs if not self.is_trained(job)]
         if not missing:
             return 0
-        args = (self.unet_config, self.dataset, self.schedule, self.recipe)
+        args = (self.unet_class, self.unet_config, self.dataset, self.schedule, self.recipe)
         with progress_bar(len(missing), "retrain") as bar:
             if num_workers <= 1:
                 for job in missing:
@@ -210,21 +222,12 @@ class ModelStore:
             sidecar = load_sidecar(path)
             recorded = sidecar.get("measurements", {}).get(probe.key())
             if recorded is None:
-                model = load_unet(path)
-                values = measure_queries(
-                    model,
-                    self.schedule,
-                    probe.queries,
-                    measurement=probe.measurement,
-                    num_draws=probe.num_draws,
-                    seed=probe.seed,
-                )
-                recorded = values.tolist()
+                recorded = probe.measure(load_unet(path), self.schedule).tolist()
                 sidecar.setdefault("measurements", {})[probe.key()] = recorded
                 atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
             rows.append(torch.tensor(recorded, dtype=torch.float64))
         return torch.stack(rows)
 
     def load(self, name: str):
-        """The trained model `name` (a `DiffusersEpsModel` in eval mode)."""
+        """The trained model `name` (fastinf's adapter of its UNet, in eval mode)."""
         return load_unet(self.path(name))

@@ -44,9 +44,18 @@ def _sample_generators(seed: int, indices: range) -> list[torch.Generator]:
 
 
 def _cond_vector(cond: int | Tensor | None, num_samples: int) -> Tensor | None:
-    """Class labels [num_samples] int64 from None, one label, or one label per sample."""
+    """Class labels [num_samples] int64 from None, one label, or one label per sample; or
+    text states [num_samples, L, D] from one [L, D] or one per sample."""
     if cond is None:
         return None
+    if isinstance(cond, Tensor) and cond.is_floating_point() and cond.dim() in (2, 3):
+        states = cond if cond.dim() == 3 else cond.expand(num_samples, *cond.shape)
+        if states.shape[0] != num_samples:
+            raise ValueError(
+                f"cond holds {states.shape[0]} text states for {num_samples} samples; give one "
+                "[L, D] for all or one per sample."
+            )
+        return states
     labels = torch.as_tensor(cond, dtype=torch.int64)
     if labels.dim() == 0:
         return labels.expand(num_samples).clone()
@@ -82,7 +91,8 @@ def sample_ddpm(
         num_inference_steps: number of denoising steps (diffusers "leading" spacing);
             None uses all T steps.
         cond: for a class-conditional model, one class label for all samples or a [n]
-            int64 tensor of labels; None for an unconditional model.
+            int64 tensor of labels; for a cross-attention model, text states [L, D] for all
+            samples or [n, L, D]; None for an unconditional model.
         batch_size: samples denoised together.
         sample_shape: (C, H, W); defaults to `model.sample_shape`.
         progress: show a progress bar over batches.
@@ -105,6 +115,8 @@ def sample_ddpm(
             indices = range(start, min(start + batch_size, num_samples))
             generators = _sample_generators(seed, indices)
             batch_labels = None if labels is None else labels[start : indices.stop].to(device)
+            if batch_labels is not None and batch_labels.is_floating_point():
+                batch_labels = batch_labels.to(next(model.parameters()).dtype)
             x_t = torch.cat([torch.randn((1, *shape), generator=gen) for gen in generators])
             x_t = x_t.to(device, next(model.parameters()).dtype)
             for timestep in scheduler.timesteps:

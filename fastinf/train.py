@@ -45,6 +45,7 @@ __all__ = [
     "TrainingHistory",
     "evaluate_loss",
     "main",
+    "train_default",
     "train_diffusion",
     "train_digits",
     "warmup_cosine",
@@ -126,7 +127,8 @@ class _BatchSampler:
 
 
 def _stacked_tensors(dataset: Dataset) -> tuple[Tensor, Tensor] | None:
-    """(images [N, C, H, W], labels [N]) of a tensor-backed dataset or a Subset of one."""
+    """(images [N, C, H, W], conds: labels [N] or text states [N, L, D]) of a tensor-backed
+    dataset or a Subset of one."""
     if isinstance(dataset, Subset):
         parent = _stacked_tensors(dataset.dataset)
         if parent is None:
@@ -134,16 +136,18 @@ def _stacked_tensors(dataset: Dataset) -> tuple[Tensor, Tensor] | None:
         positions = torch.as_tensor(list(dataset.indices), dtype=torch.int64)
         return parent[0][positions], parent[1][positions]
     images = getattr(dataset, "images", None)
-    labels = getattr(dataset, "labels", None)
-    if isinstance(images, Tensor) and isinstance(labels, Tensor):
-        return images, labels
+    conds = getattr(dataset, "states", None)  # a text dataset's labels are not model inputs
+    if conds is None:
+        conds = getattr(dataset, "labels", None)
+    if isinstance(images, Tensor) and isinstance(conds, Tensor):
+        return images, conds
     return None
 
 
 def _batches(
     dataset: Dataset, batch_size: int, steps: int, seed: int, device: torch.device, num_workers: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """`steps` training batches (images [B, C, H, W], conds [B]) on `device`."""
+    """`steps` training batches (images [B, C, H, W], conds [B] or [B, L, D]) on `device`."""
     tensors = _stacked_tensors(dataset)
     if tensors is not None:
         images, labels = tensors[0].to(device), tensors[1].to(device)
@@ -317,11 +321,16 @@ def evaluate_loss(
     return total / (count * num_draws)
 
 
-def train_digits(
-    out_dir,
+def train_default(
+    unet: nn.Module,
+    dataset: Dataset,
+    weights_path,
     *,
-    steps: int = DIGITS_STEPS,
-    seed: int = 0,
+    description: str,
+    command: str,
+    metadata: dict | None = None,
+    steps: int,
+    seed: int,
     batch_size: int = 128,
     lr: float = 2e-3,
     weight_decay: float = 0.0,
@@ -329,22 +338,10 @@ def train_digits(
     warmup: int = 200,
     progress: bool = True,
 ) -> Path:
-    """Train the default digits DDPM from scratch and save its EMA weights.
-
-    Writes `digits_unet.safetensors` (fp32 EMA weights) and `digits_unet.json` (UNet
-    config, schedule, hyper-parameters, reproducing command, losses) into `out_dir`.
-
-    Returns:
-        The path of the weights file.
-    """
-    from diffusers import UNet2DModel
-
-    dataset = load_digits_dataset()
+    """Train a shipped default from its initial `unet` on `dataset` under
+    `default_schedule()` and save its EMA weights with a sidecar of the run's provenance
+    (`description`, the reproducing `command`, hyper-parameters, losses, `metadata`)."""
     schedule = default_schedule()
-    # Initialise from `seed` without disturbing the caller's global RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DModel(**digits_unet_config())
     hyper_parameters = {
         "steps": steps,
         "batch_size": batch_size,
@@ -372,15 +369,9 @@ def train_digits(
     )
     eval_draws = 8
     ema_loss = evaluate_loss(ema_model, dataset, schedule, num_draws=eval_draws, seed=0)
-    weights_path = Path(out_dir) / DIGITS_WEIGHTS_PATH.name
-    command = (
-        f"python -m fastinf.train --out-dir {out_dir} --steps {steps} --seed {seed} "
-        f"--batch-size {batch_size} --lr {lr} --weight-decay {weight_decay} "
-        f"--ema-decay {ema_decay} --warmup {warmup}"
-    )
-    metadata = {
-        "description": "Unconditional DDPM (ε-prediction) on scikit-learn digits; EMA weights.",
-        "dataset": "sklearn.datasets.load_digits: 1797 images [1, 8, 8], 0..16 scaled to [-1, 1]",
+    sidecar = {
+        "description": description,
+        **(metadata or {}),
         "schedule": {
             "beta_schedule": "linear",
             "num_timesteps": schedule.num_timesteps,
@@ -393,7 +384,7 @@ def train_digits(
         "final_train_loss_note": "mean mini-batch loss of the online weights, last 100 steps",
         "ema_eval_loss": ema_loss,
         "ema_eval_loss_note": (
-            f"EMA weights on all 1797 digits, {eval_draws} draws each "
+            f"EMA weights on all {len(dataset)} training images, {eval_draws} draws each "
             "(make_draws, Purpose.EVALUATION, seed 0)"
         ),
         "wall_time_s": round(history.wall_time_s, 1),
@@ -404,8 +395,60 @@ def train_digits(
             "threads": torch.get_num_threads(),
         },
     }
-    save_unet(ema_model, weights_path, metadata)
-    return weights_path
+    save_unet(ema_model, weights_path, sidecar)
+    return Path(weights_path)
+
+
+def train_digits(
+    out_dir,
+    *,
+    steps: int = DIGITS_STEPS,
+    seed: int = 0,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 0.0,
+    ema_decay: float = 0.999,
+    warmup: int = 200,
+    progress: bool = True,
+) -> Path:
+    """Train the default digits DDPM from scratch and save its EMA weights.
+
+    Writes `digits_unet.safetensors` (fp32 EMA weights) and `digits_unet.json` (UNet
+    config, schedule, hyper-parameters, reproducing command, losses) into `out_dir`.
+
+    Returns:
+        The path of the weights file.
+    """
+    from diffusers import UNet2DModel
+
+    # Initialise from `seed` without disturbing the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DModel(**digits_unet_config())
+    command = (
+        f"python -m fastinf.train --out-dir {out_dir} --steps {steps} --seed {seed} "
+        f"--batch-size {batch_size} --lr {lr} --weight-decay {weight_decay} "
+        f"--ema-decay {ema_decay} --warmup {warmup}"
+    )
+    return train_default(
+        unet,
+        load_digits_dataset(),
+        Path(out_dir) / DIGITS_WEIGHTS_PATH.name,
+        description="Unconditional DDPM (ε-prediction) on scikit-learn digits; EMA weights.",
+        metadata={
+            "dataset": "sklearn.datasets.load_digits: 1797 images [1, 8, 8], 0..16 scaled to "
+            "[-1, 1]"
+        },
+        command=command,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        ema_decay=ema_decay,
+        warmup=warmup,
+        progress=progress,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

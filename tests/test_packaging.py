@@ -59,7 +59,7 @@ def expected_members() -> set[str]:
             }
     for data in (WEIGHTS, STATIC):
         members |= {
-            path.relative_to(ROOT).as_posix() for path in (ROOT / data).iterdir() if path.is_file()
+            path.relative_to(ROOT).as_posix() for path in (ROOT / data).rglob("*") if path.is_file()
         }
     return members
 

@@ -85,6 +85,7 @@ def test_public_api_is_pinned():
             "TrainingHistory",
             "evaluate_loss",
             "main",
+            "train_default",
             "train_diffusion",
             "train_digits",
             "warmup_cosine",

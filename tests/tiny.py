@@ -146,55 +146,19 @@ def run_cli(*args: str) -> tuple[int, str, list[str]]:
     return int(probe.rsplit(" ", 1)[1]), "\n".join(lines), ast.literal_eval(loaded)
 
 
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
-
-
-def tiny_clip_tokenizer(folder, max_length=8):
-    """A character-level CLIPTokenizer written from scratch (vocab.json, merges.txt)."""
-    import json
-    from pathlib import Path
-
-    from transformers import CLIPTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {char: i for i, char in enumerate(CHARS)}
-    vocab |= {char + "</w>": len(CHARS) + i for i, char in enumerate(CHARS)}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
-    )
-
-
 def tiny_sd_pipeline(folder, seed=0, image_size=8, max_length=8, width=16):
     """A Stable-Diffusion-layout pipeline folder built from configs: a 1-channel 8×8 VAE
     (2-channel 4×4 latents), a 1-layer CLIP text encoder, a cross-attention UNet, DDPM."""
-    import tempfile
     from pathlib import Path
 
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
     from diffusers import UNet2DConditionModel as ConditionUNet
-    from transformers import CLIPTextConfig, CLIPTextModel
 
+    from fastinf.text_digits import build_text_encoder
+
+    prompts = build_text_encoder(seed, width=width, layers=1, heads=2, max_length=max_length)
+    text_encoder, tokenizer = prompts.text_encoder, prompts.tokenizer
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = tiny_clip_tokenizer(scratch, max_length)
-    vocab = tokenizer.get_vocab()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=max_length,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
     vae = AutoencoderKL(
         in_channels=1,
         out_channels=1,
