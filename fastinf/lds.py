@@ -3,6 +3,10 @@
 `LDSConfig.model` picks the model under test: "digits" (the unconditional digits DDPM's
 architecture) or "text-digits" (the text-conditional default's cross-attention UNet on the
 captioned digits: queries are sampled from prompts, and measured and scored with them).
+With `lora_rank` > 0 (text-digits) the scenario is a LoRA fine-tune: a base model is
+pretrained on the digits outside the training set (`models_pretrained/`), every LDS model
+is that base plus a rank-r LoRA trained alone on its subset, and the methods attribute
+through the LoRA weights only (`layers="lora"`).
 
 `LDSRun(run_dir, LDSConfig())` owns one benchmark directory:
 
@@ -68,6 +72,10 @@ class LDSConfig:
         default="digits",
         metadata={"help": "digits (unconditional) or text-digits (captioned, cross-attention)"},
     )
+    lora_rank: int = field(
+        default=0,
+        metadata={"help": "text-digits: > 0 fine-tunes a LoRA of this rank on a pretrained base"},
+    )
     num_subsets: int = field(default=50, metadata={"help": "M: retrained subsets"})
     fraction: float = field(default=0.5, metadata={"help": "α: fraction each subset keeps"})
     oracle_subsets: int = field(
@@ -93,6 +101,10 @@ class LDSConfig:
     def __post_init__(self) -> None:
         if self.model not in LDS_MODELS:
             raise ValueError(f"model={self.model!r} is not one of {LDS_MODELS}.")
+        if self.lora_rank < 0 or (self.lora_rank and self.model != "text-digits"):
+            raise ValueError(
+                f"lora_rank={self.lora_rank} needs model='text-digits' and must be >= 0."
+            )
         if not 0 <= self.oracle_subsets <= self.num_subsets:
             raise ValueError(
                 f"oracle_subsets={self.oracle_subsets} must be between 0 and num_subsets="
@@ -180,7 +192,8 @@ class LDSRun:
         growable = ("num_subsets", "oracle_subsets", "counterfactual_queries")
         recorded = json.loads(json.dumps(config.to_json()))
         if setup.exists():
-            found = {"model": "digits"} | json.loads(setup.read_text())  # older records
+            older = {"model": "digits", "lora_rank": 0}  # records written before these fields
+            found = older | json.loads(setup.read_text())
             if _without(found, growable) != _without(recorded, growable):
                 raise ValueError(
                     f"{self.run_dir} holds a benchmark made with another config "
@@ -191,6 +204,7 @@ class LDSRun:
         generator = torch.Generator().manual_seed(config.seed)
         chosen = torch.randperm(len(digits), generator=generator)[: config.num_train]
         self.encoder = None
+        self.pretrained: ModelStore | None = None
         if config.model == "text-digits":
             self.encoder = load_text_encoder()
             captioned = load_text_digits_dataset(self.encoder)
@@ -201,6 +215,19 @@ class LDSRun:
                 labels=captioned.labels[chosen],
             )
             unet_class, unet_config = "UNet2DConditionModel", text_digits_unet_config()
+            if config.lora_rank:
+                rest = torch.ones(len(digits), dtype=torch.bool)
+                rest[chosen] = False
+                outside = rest.nonzero().flatten()
+                self.pretrained = ModelStore(
+                    self.run_dir / "models_pretrained",
+                    unet_config,
+                    TextStatesDataset(captioned.images[outside], captioned.states[outside]),
+                    default_schedule(),
+                    config.recipe,
+                    unet_class=unet_class,
+                )
+                self._pretrained_job = self._job("pretrained", torch.arange(len(outside)), 0)
         else:
             self.train_set = ImageTensorDataset(digits.images[chosen].clone())
             unet_class, unet_config = "UNet2DModel", digits_unet_config()
@@ -212,6 +239,8 @@ class LDSRun:
             self.schedule,
             config.recipe,
             unet_class=unet_class,
+            init=None if self.pretrained is None else self.pretrained.path("pretrained"),
+            lora_rank=config.lora_rank,
         )
         self.masks = subset_masks(
             config.num_train, config.num_subsets, config.fraction, config.seed
@@ -222,6 +251,12 @@ class LDSRun:
         self._curvatures: dict[str, object] = {}
 
     # -- models and measurements -----------------------------------------------------------
+    def _train(self, jobs: list[RetrainJob], num_workers: int, probe=None) -> int:
+        """Train the jobs not on disk yet (after the pretrained base of a LoRA scenario)."""
+        if self.pretrained is not None:
+            self.pretrained.train([self._pretrained_job], num_workers=1)
+        return self.store.train(jobs, num_workers=num_workers, probe=probe)
+
     def _job(self, name: str, kept: Tensor, seed: int) -> RetrainJob:
         return RetrainJob(name, tuple(int(i) for i in kept.tolist()), seed)
 
@@ -243,7 +278,7 @@ class LDSRun:
                 stored = load_file(str(path))
                 self._queries, self._query_cond = stored["queries"], stored.get("cond")
             else:
-                self.store.train([self.base_job()], num_workers=1)
+                self._train([self.base_job()], num_workers=1)
                 model = self.store.load("base")
                 cond = None
                 if self.encoder is not None:
@@ -282,7 +317,7 @@ class LDSRun:
         config = self.config
         jobs = self.subset_jobs(config.train_seed, config.num_subsets)
         jobs += self.subset_jobs(config.oracle_seed, config.oracle_subsets)
-        return self.store.train(jobs, num_workers=self.num_workers, probe=self.probe())
+        return self._train(jobs, self.num_workers, self.probe())
 
     def measurements(self) -> tuple[Tensor, Tensor]:
         """([M, Q] measurements under the subset models, [M_oracle, Q] under the replicates)."""
@@ -304,8 +339,11 @@ class LDSRun:
     def engine(self) -> InfluenceEngine:
         """The engine on the base model and the benchmark's training set."""
         if self._engine is None:
-            self.store.train([self.base_job()], num_workers=1)
-            self._engine = InfluenceEngine(self.store.load("base"), self.schedule, self.train_set)
+            self._train([self.base_job()], num_workers=1)
+            layers = "lora" if self.config.lora_rank else None  # a LoRA: its weights only
+            self._engine = InfluenceEngine(
+                self.store.load("base"), self.schedule, self.train_set, layers=layers
+            )
         return self._engine
 
     def _curvature(self, config: CurvatureConfig):
@@ -432,7 +470,7 @@ class LDSRun:
                 )
                 jobs.append(job)
                 plan.append((query, percent, job, random_job))
-        self.store.train(jobs, num_workers=self.num_workers, probe=self.probe())
+        self._train(jobs, self.num_workers, self.probe())
         rows = []
         for query, percent, job, random_job in plan:
             top_value, random_value = self.store.measurements([job, random_job], self.probe())

@@ -30,8 +30,11 @@ from .diffusion import NoiseSchedule
 
 __all__ = [
     "DIGITS_WEIGHTS_PATH",
+    "LORA_TARGETS",
+    "UNET_CLASSES",
     "DiffusersCrossAttentionEpsModel",
     "DiffusersEpsModel",
+    "add_lora",
     "as_eps_model",
     "default_schedule",
     "digits_unet_config",
@@ -250,6 +253,9 @@ def save_unet(unet: nn.Module, weights_path, metadata: dict) -> Path:
     atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
     config = {key: value for key, value in unet.config.items() if not key.startswith("_")}
     sidecar = {"unet_class": type(unet).__name__, "unet_config": config, **metadata}
+    lora = _lora_record(unet)
+    if lora is not None:
+        sidecar["lora"] = lora
     return atomic_write_text(_sidecar_path(weights_path), json.dumps(sidecar, indent=2) + "\n")
 
 
@@ -277,13 +283,41 @@ def schedule_from_sidecar(sidecar: dict) -> NoiseSchedule:
 
 
 UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections
+
+
+def add_lora(unet: nn.Module, rank: int, targets=LORA_TARGETS, alpha: float | None = None):
+    """Freeze `unet` and add a rank-`rank` LoRA adapter (peft, through diffusers'
+    `add_adapter`) to its `targets`: its lora_A / lora_B weights become the only trainable
+    ones (lora_B starts at 0, so the adapted model starts as the base)."""
+    from peft import LoraConfig
+
+    if not hasattr(unet, "add_adapter"):
+        raise TypeError(f"{type(unet).__name__} cannot take a LoRA adapter (no add_adapter).")
+    unet.requires_grad_(False)
+    config = LoraConfig(r=int(rank), lora_alpha=alpha or int(rank), target_modules=list(targets))
+    unet.add_adapter(config)
+    return unet
+
+
+def _lora_record(unet: nn.Module) -> dict | None:
+    """The LoRA adapter's settings for a sidecar (None without one)."""
+    config = (getattr(unet, "peft_config", None) or {}).get("default")
+    if config is None:
+        return None
+    return {
+        "rank": int(config.r),
+        "alpha": float(config.lora_alpha),
+        "targets": sorted(config.target_modules),
+    }
 
 
 def load_unet(
     weights_path, *, device: str | torch.device = "cpu"
 ) -> DiffusersEpsModel | DiffusersCrossAttentionEpsModel:
     """Build a UNet from a sidecar's config and load its safetensors weights (no network);
-    the sidecar's `unet_class` (default UNet2DModel) names a `UNET_CLASSES` entry.
+    the sidecar's `unet_class` (default UNet2DModel) names a `UNET_CLASSES` entry, and its
+    `lora` (written by `save_unet` for a LoRA-adapted UNet) adds that adapter first.
 
     Returns:
         The adapted model (`as_eps_model`) in eval mode on `device`.
@@ -296,6 +330,9 @@ def load_unet(
             f"{sorted(UNET_CLASSES)}."
         )
     unet = UNET_CLASSES[name](**sidecar["unet_config"])
+    lora = sidecar.get("lora")
+    if lora is not None:  # a LoRA fine-tune: only its adapter weights are trainable
+        add_lora(unet, lora["rank"], lora["targets"], lora["alpha"])
     unet.load_state_dict(load_file(str(weights_path)), strict=True)
     return as_eps_model(unet).to(device).eval()
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from .data import split_item
 from .diffusion import NoiseSchedule
 from .latents import LatentStore, encode_images
 from .models import DiffusersCrossAttentionEpsModel
-from .text import CaptionCache, PromptEncoder
+from .text import CaptionCache, PromptEncoder, quiet_loading
 
 __all__ = ["COMPONENTS", "TextToImagePipeline", "load_lora", "load_pipeline"]
 
@@ -209,24 +207,6 @@ def _load_component(directory: Path, name: str, device):
         ) from None
 
 
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Without the libraries' per-component progress bars (a command's output stays its own)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    restore = []
-    for library in (diffusers_logging, transformers_logging):
-        if library.is_progress_bar_enabled():
-            library.disable_progress_bar()
-            restore.append(library)
-    try:
-        yield
-    finally:
-        for library in restore:
-            library.enable_progress_bar()
-
-
 def load_lora(unet: nn.Module, path: str | os.PathLike) -> Path:
     """Load a diffusers LoRA adapter (folder or .safetensors) into `unet` via peft and
     freeze every weight but the adapter's; returns the weights file."""
@@ -274,7 +254,7 @@ def load_pipeline(
     for name in COMPONENTS:  # name every missing folder before loading anything
         if not (directory / name).is_dir():
             _load_component(directory, name, device)
-    with _quiet_loading():
+    with quiet_loading():
         parts = {name: _load_component(directory, name, device) for name in COMPONENTS}
     scheduler = parts["scheduler"]
     prediction = getattr(scheduler.config, "prediction_type", "epsilon")

@@ -19,17 +19,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from .artifacts import atomic_write_text
+from .artifacts import atomic_write_text, file_sha256
 from .diffusion import NoiseSchedule
 from .evaluation import measure_queries
-from .models import UNET_CLASSES, load_sidecar, load_unet, save_unet
+from .models import UNET_CLASSES, add_lora, load_sidecar, load_unet, save_unet
 from .progress import progress_bar
 from .train import train_diffusion
 
-__all__ = ["ModelStore", "QueryProbe", "RetrainJob", "RetrainRecipe"]
+__all__ = ["ModelSpec", "ModelStore", "QueryProbe", "RetrainJob", "RetrainRecipe"]
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,36 @@ class QueryProbe:
         )
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """How every model of a store starts: a UNet class and config, optionally the weights
+    of a pretrained model (`init`) and a rank-`lora_rank` LoRA adapter on top of them (then
+    only the adapter is trained)."""
+
+    unet_class: str
+    unet_config: dict
+    init: str | None = None
+    lora_rank: int = 0
+
+    def build(self):
+        unet = UNET_CLASSES[self.unet_class](**self.unet_config)
+        if self.init is not None:
+            unet.load_state_dict(load_file(self.init), strict=True)
+        if self.lora_rank:
+            add_lora(unet, self.lora_rank)
+        return unet
+
+    def identity(self) -> dict:
+        """What a trained model's sidecar must record to be reused (nothing for a plain
+        model, so stores written before LoRA support stay valid)."""
+        if self.init is None and not self.lora_rank:
+            return {}
+        init = None if self.init is None else file_sha256(Path(self.init))[:16]
+        return {"init_sha256": init, "lora_rank": self.lora_rank}
+
+
 def _train_one(
-    unet_class: str,
-    unet_config: dict,
+    spec: ModelSpec,
     dataset: Dataset,
     schedule: NoiseSchedule,
     recipe: RetrainRecipe,
@@ -98,7 +126,7 @@ def _train_one(
     """Train one model and write it (weights first, sidecar last)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.seed)
-        unet = UNET_CLASSES[unet_class](**unet_config)
+        unet = spec.build()
     _, ema_model, history = train_diffusion(
         unet,
         Subset(dataset, list(job.kept)),
@@ -112,7 +140,7 @@ def _train_one(
         seed=job.seed,
         progress=False,
     )
-    metadata = _job_metadata(schedule, recipe, job)
+    metadata = _job_metadata(schedule, recipe, job) | spec.identity()
     metadata["final_train_loss"] = history.final_loss(50)
     metadata["wall_time_s"] = round(history.wall_time_s, 1)
     if probe is not None:
@@ -147,6 +175,9 @@ class ModelStore:
         schedule: the noise schedule of training.
         recipe: the training recipe shared by every model.
         unet_class: the UNet class (a `fastinf.models.UNET_CLASSES` name).
+        init: weights every model starts from (a pretrained model's .safetensors).
+        lora_rank: > 0: every model is `init` plus a LoRA adapter of this rank, trained
+            alone (`fastinf.models.add_lora`).
     """
 
     def __init__(
@@ -157,13 +188,16 @@ class ModelStore:
         schedule: NoiseSchedule,
         recipe: RetrainRecipe,
         unet_class: str = "UNet2DModel",
+        init: str | os.PathLike | None = None,
+        lora_rank: int = 0,
     ):
         if unet_class not in UNET_CLASSES:
             raise ValueError(f"unet_class {unet_class!r} is not one of {sorted(UNET_CLASSES)}.")
-        self.unet_class = unet_class
+        self.spec = ModelSpec(
+            unet_class, unet_config, None if init is None else str(init), lora_rank
+        )
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.unet_config = unet_config
         self.dataset = dataset
         self.schedule = schedule
         self.recipe = recipe
@@ -177,7 +211,7 @@ class ModelStore:
         if not (path.exists() and path.with_suffix(".json").exists()):
             return False
         sidecar = load_sidecar(path)
-        expected = _job_metadata(self.schedule, self.recipe, job)
+        expected = _job_metadata(self.schedule, self.recipe, job) | self.spec.identity()
         found = {key: sidecar.get(key) for key in expected}
         if found != expected:
             raise ValueError(
@@ -193,7 +227,7 @@ class ModelStore:
         missing = [job for job in jobs if not self.is_trained(job)]
         if not missing:
             return 0
-        args = (self.unet_class, self.unet_config, self.dataset, self.schedule, self.recipe)
+        args = (self.spec, self.dataset, self.schedule, self.recipe)
         with progress_bar(len(missing), "retrain") as bar:
             if num_workers <= 1:
                 for job in missing:

@@ -29,7 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,10 +48,28 @@ from .artifacts import (
 )
 from .locks import writer_lock
 
-__all__ = ["CaptionCache", "PromptEncoder", "caption_key"]
+__all__ = ["CaptionCache", "PromptEncoder", "caption_key", "quiet_loading"]
 
 MANIFEST = "captions.json"
 FORMAT = 1
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Without the libraries' per-component progress bars (a command's output stays its own)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    restore = []
+    for library in (diffusers_logging, transformers_logging):
+        if library.is_progress_bar_enabled():
+            library.disable_progress_bar()
+            restore.append(library)
+    try:
+        yield
+    finally:
+        for library in restore:
+            library.enable_progress_bar()
 
 
 def caption_key(caption: str) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from .data import TextStatesDataset, load_digits_dataset
 from .models import load_unet
-from .text import PromptEncoder
+from .text import PromptEncoder, quiet_loading
 
 __all__ = [
     "CAPTION_TEMPLATES",
@@ -131,8 +131,9 @@ def load_text_encoder(path: str | Path = TEXT_ENCODER_PATH) -> PromptEncoder:
             f"the text encoder {path} is missing; reinstall fastinf or rebuild it with "
             "`python -m fastinf.text_digits`."
         )
-    encoder = CLIPTextModel.from_pretrained(path, local_files_only=True)
-    tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    with quiet_loading():
+        encoder = CLIPTextModel.from_pretrained(path, local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     return PromptEncoder(encoder, tokenizer)
 
 

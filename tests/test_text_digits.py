@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -124,3 +125,28 @@ def test_lds_on_the_text_model_measures_and_scores_queries_with_their_prompts(tm
         model, run.schedule, run.queries(), num_draws=config.measurement_draws, cond=cond.flip(0)
     )
     assert not torch.allclose(measured, unprompted)  # the prompt is part of the measurement
+
+
+def test_lds_of_a_lora_fine_tune_attributes_through_the_lora_weights_only(tmp_path):
+    from safetensors.torch import load_file
+
+    config = dataclasses.replace(TINY, model="text-digits", lora_rank=2)
+    run = LDSRun(tmp_path, config, num_workers=1)
+    rows = run.evaluate(METHODS[:1])
+    assert not math.isnan(rows[0]["lds"])
+    engine = run.engine()
+    assert engine.layers and all(".lora_" in name for name in engine.layers)
+    model = run.store.load("base")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in name for name in trainable)
+    # The frozen base of every LoRA model is the pretrained model, bit for bit.
+    pretrained = load_file(str(run.pretrained.path("pretrained")))
+    tuned = load_file(str(run.store.path("base")))
+    for name, tensor in pretrained.items():
+        peft_name = name.replace(".weight", ".base_layer.weight").replace(
+            ".bias", ".base_layer.bias"
+        )
+        assert torch.equal(tensor, tuned.get(name, tuned.get(peft_name)))
+    assert any(".lora_B" in name and tensor.abs().sum() > 0 for name, tensor in tuned.items())
+    with pytest.raises(ValueError, match="lora_rank"):
+        dataclasses.replace(TINY, lora_rank=2)  # the digits model has no LoRA scenario
