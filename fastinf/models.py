@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -34,6 +34,7 @@ __all__ = [
     "UNET_CLASSES",
     "DiffusersCrossAttentionEpsModel",
     "DiffusersEpsModel",
+    "DiffusersTransformerEpsModel",
     "add_lora",
     "as_eps_model",
     "default_schedule",
@@ -138,6 +139,32 @@ class DiffusersCrossAttentionEpsModel(_DiffusersAdapter):
         return self.unet(x_t, timesteps, encoder_hidden_states=cond.to(x_t.dtype)).sample
 
 
+class DiffusersTransformerEpsModel(_DiffusersAdapter):
+    """Adapter giving a diffusers `DiTTransformer2DModel` (a class-conditional transformer
+    denoiser on patches) fastinf's call convention: `cond` is [B] int64 class labels. A DiT
+    that also learns the variance predicts 2·C channels; ε is the first C.
+
+    Args:
+        unet: the transformer (kept under the adapters' shared attribute name).
+    """
+
+    is_conditional = True
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.unet.config.num_embeds_ada_norm)
+
+    def forward(self, x_t: Tensor, timesteps: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Predicted noise ε_θ(x_t, t, c) for class labels `cond` [B]."""
+        if cond is None or bool(torch.any(cond < 0)):
+            raise ValueError(
+                "this DiT is class-conditional and needs cond: [B] int64 class labels in "
+                f"0..{self.num_classes - 1}; use a labelled dataset or pass cond=..."
+            )
+        out = self.unet(x_t, timestep=timesteps, class_labels=cond).sample
+        return out[:, : x_t.shape[1]]
+
+
 _EVAL_LOCK = threading.Lock()
 # model -> (blocks inside eval_mode now, the mode to restore when the last one leaves)
 _EVAL_DEPTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -168,8 +195,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def as_eps_model(model: nn.Module) -> nn.Module:
     """Wrap a `UNet2DModel` in `DiffusersEpsModel` and a `UNet2DConditionModel` in
-    `DiffusersCrossAttentionEpsModel` (a peft `PeftModel` around either is unwrapped to its
-    adapter-injected UNet first); return any other module unchanged.
+    `DiffusersCrossAttentionEpsModel`, a `DiTTransformer2DModel` in
+    `DiffusersTransformerEpsModel` (a peft `PeftModel` around any of them is unwrapped to its
+    adapter-injected model first); return any other module unchanged.
 
     A module that is not a UNet2DModel must already be callable as
     `model(x_t, timesteps, cond) -> eps_pred` (module docstring) and should define
@@ -181,6 +209,8 @@ def as_eps_model(model: nn.Module) -> nn.Module:
         return DiffusersEpsModel(model)
     if isinstance(model, UNet2DConditionModel):
         return DiffusersCrossAttentionEpsModel(model)
+    if isinstance(model, DiTTransformer2DModel):
+        return DiffusersTransformerEpsModel(model)
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"expected a torch nn.Module (UNet2DModel or an ε-model), got {type(model).__name__}."

@@ -40,6 +40,7 @@ def test_public_api_is_pinned():
             "DIGITS_WEIGHTS_PATH",
             "DiffusersEpsModel",
             "DiffusersCrossAttentionEpsModel",
+            "DiffusersTransformerEpsModel",
             "LORA_TARGETS",
             "UNET_CLASSES",
             "add_lora",

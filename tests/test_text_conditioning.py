@@ -122,3 +122,41 @@ def test_a_text_states_dataset_checks_its_inputs():
     with pytest.raises(ValueError, match="NaN"):
         TextStatesDataset(images, torch.full((2, TOKENS, WIDTH), float("nan")))
     assert isinstance(as_eps_model(tiny_text_unet()), DiffusersCrossAttentionEpsModel)
+
+
+def test_a_dit_transformer_is_wrapped_and_its_gradients_match_autograd():
+    from diffusers import DiTTransformer2DModel
+
+    from fastinf.data import ImageTensorDataset
+    from fastinf.models import DiffusersTransformerEpsModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=4,
+        in_channels=1,
+        out_channels=2,  # ε and a learned variance: ε is the first channel
+        num_layers=1,
+        sample_size=4,
+        patch_size=2,
+        num_embeds_ada_norm=3,
+    ).double()
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(4, 1, 4, 4, generator=generator, dtype=torch.float64) * 2 - 1
+    data = ImageTensorDataset(images, torch.tensor([0, 2, 1, 2]))
+    config = ScoreConfig(train_draws=2, query_draws=2, damping=1e-3, damping_mode="absolute")
+    engine = InfluenceEngine(dit, NoiseSchedule.linear(100), data, config=config)
+    assert isinstance(engine.model, DiffusersTransformerEpsModel)
+    engine.model.eval()  # in training mode its label embedding drops labels at random (CFG)
+    assert engine.model.num_classes == 3 and engine.sample_shape == (1, 4, 4)
+    indices = [2, 0]
+    grads = engine.train_gradients(indices)
+    for row, index in enumerate(indices):
+        image, label = data[index]
+        expected = autograd_example_gradient(
+            engine.model, engine.schedule, image, int(label), index, 2, 0
+        )
+        assert_example_gradients(grads, row, expected)
+    engine.fit(CurvatureConfig(factor_draws=1, eigval_draws=1))
+    result = engine.score(images[:1], 2, cond=torch.tensor([1]))
+    assert result.proponents.indices.shape == (1, 2)
