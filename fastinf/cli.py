@@ -543,6 +543,7 @@ def _cmd_lds(args) -> int:
     config = LDSConfig(
         num_train=args.num_train,
         model=args.model,
+        lora_rank=args.lora_rank,
         num_subsets=args.subsets,
         fraction=args.fraction,
         oracle_subsets=args.oracle_subsets,
@@ -897,6 +898,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model under test: the digits DDPM's architecture, or the text-conditional "
         "default's (captioned digits; queries sampled from prompts)",
     )
+    lds.add_argument(
+        "--lora-rank",
+        type=nonnegative_int,
+        default=0,
+        help="with --model text-digits: > 0 fine-tunes a LoRA of this rank per subset on a "
+        "base pretrained on the other digits, attributed through the LoRA weights only",
+    )
     lds.add_argument("--subsets", type=positive_int, default=50, help="M retrained subsets")
     lds.add_argument(
         "--oracle-subsets", type=positive_int, default=25, help="subsets retrained with a 2nd seed"
@@ -1128,6 +1136,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError("--timeout-s must be > 0.")
         if args.default_k > args.k_max:
             raise ValueError(f"--default-k {args.default_k} exceeds --k-max {args.k_max}.")
+    if command == "lds" and args.lora_rank and args.model != "text-digits":
+        raise ValueError("--lora-rank needs --model text-digits (the LoRA scenario).")
     if command == "lds":
         unknown = sorted(
             {m.strip() for m in args.methods.split(",") if m.strip()} - set(LDS_METHODS)
