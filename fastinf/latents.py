@@ -128,10 +128,14 @@ class LatentStore:
         batch_size: int = 32,
         verify: str | None = None,
         captions: CaptionCache | None = None,
+        fingerprint: str | None = None,
     ) -> LatentStore:
         """Encode every item of `dataset` (images in [-1, 1], optional labels, or captions
         encoded through `captions`) into `directory`, resuming the shards a killed build
         finished; returns the store.
+
+        `fingerprint` is the dataset's `dataset_fingerprint(dataset, verify)` when the caller
+        already computed it (it is computed here otherwise).
 
         Raises:
             ArtifactMismatchError: the folder holds latents of another VAE, text encoder or
@@ -149,7 +153,7 @@ class LatentStore:
             "format": FORMAT,
             "vae": _vae_identity(vae),
             "text": captions.encoder.fingerprint if captioned else None,
-            "dataset": dataset_fingerprint(dataset, verify),
+            "dataset": fingerprint or dataset_fingerprint(dataset, verify),
             "count": len(dataset),
             "shard_size": shard_size,
         }

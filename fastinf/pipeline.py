@@ -105,12 +105,13 @@ class TextToImagePipeline:
                 so the same data and pipeline find their store again.
         """
         captioned = len(dataset) > 0 and isinstance(split_item(dataset[0])[1], str)
+        fingerprint = dataset_fingerprint(dataset, verify)  # one pass, shared with the build
         if directory is None:
             key = canonical_digest(
                 {
                     "vae": model_fingerprint(self.vae),
                     "text": self.prompts.fingerprint if captioned else None,
-                    "data": dataset_fingerprint(dataset, verify),
+                    "data": fingerprint,
                     "shard_size": shard_size,
                 }
             )[:16]
@@ -120,7 +121,12 @@ class TextToImagePipeline:
         if captioned:
             captions = self.caption_cache(Path(directory) / "captions")
         return LatentStore.build(
-            directory, self.vae, dataset, shard_size=shard_size, verify=verify, captions=captions
+            directory,
+            self.vae,
+            dataset,
+            shard_size=shard_size,
+            captions=captions,
+            fingerprint=fingerprint,
         )
 
     def generate(
