@@ -79,6 +79,18 @@ def attribution_grid(
     return grid
 
 
+def _fit_and_score(engine, queries, cond, out: Path, k: int, timings: dict) -> InfluenceResult:
+    """Fit the demo's EK-FAC (saved in out/curvature) and score the queries, timing both."""
+    mark = time.perf_counter()
+    engine.fit(DEMO_CURVATURE)
+    engine.save_curvature(out / "curvature")
+    timings["fit_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    result = engine.score(queries, k=k, cond=cond, return_scores=True)
+    timings["score_s"] = time.perf_counter() - mark
+    return result
+
+
 def run_demo(out_dir: str | Path, *, num_queries: int = 8, k: int = 6, seed: int = 0) -> dict:
     """Run the demo; returns (and writes to results.json) the results and stage timings."""
     out = Path(out_dir)
@@ -93,14 +105,7 @@ def run_demo(out_dir: str | Path, *, num_queries: int = 8, k: int = 6, seed: int
     queries = sample_ddpm(model, schedule, num_queries, seed=seed)
     timings["sample_s"] = time.perf_counter() - mark
 
-    mark = time.perf_counter()
-    engine.fit(DEMO_CURVATURE)
-    engine.save_curvature(out / "curvature")
-    timings["fit_s"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    result = engine.score(queries, k=k, return_scores=True)
-    timings["score_s"] = time.perf_counter() - mark
+    result = _fit_and_score(engine, queries, None, out, k, timings)
     timings["total_s"] = time.perf_counter() - start
 
     attribution_grid(queries, data.images, result, columns=k).save(out / "grid.png")
@@ -157,14 +162,7 @@ def run_text_demo(
     queries = sample_ddpm(model, schedule, len(titles), seed=seed, cond=states)
     timings["sample_s"] = time.perf_counter() - mark
 
-    mark = time.perf_counter()
-    engine.fit(DEMO_CURVATURE)
-    engine.save_curvature(out / "curvature")
-    timings["fit_s"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    result = engine.score(queries, k=k, cond=states, return_scores=True)
-    timings["score_s"] = time.perf_counter() - mark
+    result = _fit_and_score(engine, queries, states, out, k, timings)
     timings["total_s"] = time.perf_counter() - start
 
     attribution_grid(queries, data.images, result, columns=k, row_titles=titles).save(
