@@ -377,7 +377,10 @@ def _cmd_topk(args) -> int:
     if args.index:
         engine.load_index(args.index, sharded=world > 1)
     if args.pipeline:
-        queries, cond = _pipeline_queries(args)
+        # Rank 0's queries for all (generated latents can differ in their last bits
+        # between nodes, and their content ids seed the draws).
+        pair = _pipeline_queries(args) if rank == 0 else None
+        queries, cond = all_gather_objects(pair)[0]
     elif args.queries:
         queries, cond = load_tensors(args.queries)
         if cond is not None and not getattr(engine.model, "is_conditional", True):

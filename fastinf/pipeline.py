@@ -97,6 +97,9 @@ class TextToImagePipeline:
     ) -> LatentStore:
         """The training set's latents (and encoded captions), built or resumed.
 
+        Under torchrun rank 0 encodes while the other ranks wait, then they open the
+        finished store (one writer per folder).
+
         Args:
             dataset: images at `image_shape` in [-1, 1], with captions (an image folder with
                 metadata.jsonl) or class labels.
@@ -104,6 +107,8 @@ class TextToImagePipeline:
                 encoder and the dataset under $FASTINF_CACHE (or ./.fastinf_cache)/latents,
                 so the same data and pipeline find their store again.
         """
+        from .distributed import barrier, rank_world
+
         captioned = len(dataset) > 0 and isinstance(split_item(dataset[0])[1], str)
         fingerprint = dataset_fingerprint(dataset, verify)  # one pass, shared with the build
         if directory is None:
@@ -117,17 +122,22 @@ class TextToImagePipeline:
             )[:16]
             root = Path(os.environ.get("FASTINF_CACHE", ".fastinf_cache"))
             directory = root / "latents" / key
-        captions = None
-        if captioned:
-            captions = self.caption_cache(Path(directory) / "captions")
-        return LatentStore.build(
-            directory,
-            self.vae,
-            dataset,
-            shard_size=shard_size,
-            captions=captions,
-            fingerprint=fingerprint,
-        )
+        rank, _ = rank_world()
+        store = None
+        if rank == 0:
+            captions = self.caption_cache(Path(directory) / "captions") if captioned else None
+            store = LatentStore.build(
+                directory,
+                self.vae,
+                dataset,
+                shard_size=shard_size,
+                captions=captions,
+                fingerprint=fingerprint,
+            )
+        barrier()
+        if store is None:
+            store = LatentStore.open(directory, self.vae, self.prompts if captioned else None)
+        return store
 
     def generate(
         self,

@@ -261,3 +261,38 @@ def test_an_unreadable_image_is_named_and_finished_shards_are_kept(
         capsys, "fit", "--pipeline", folders["pipe"], "--data", data, "--out", tmp_path / "c"
     )
     assert code == 2 and "006.png" in err
+
+
+def test_fit_on_a_pipeline_under_torchrun_matches_one_process(
+    folders, tmp_path, capsys, monkeypatch
+):
+    """Rank 0 encodes the latent store while the other rank waits, then both fit."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    model = ["--pipeline", str(folders["pipe"]), "--data", str(folders["data"])]
+    draws = ["--factor-draws", "1", "--eigval-draws", "1"]
+    env = {
+        **os.environ,
+        "FASTINF_PROGRESS": "0",
+        "OMP_NUM_THREADS": "1",
+        "FASTINF_CACHE": str(tmp_path / "cache"),
+    }
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*launcher, "-m", "fastinf", "fit", *model, "--out", str(tmp_path / "shared")]
+    done = subprocess.run([*command, *draws], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("by 2 processes and saved to") == 1
+    assert len(list((tmp_path / "cache" / "latents").iterdir())) == 1
+    monkeypatch.setenv("FASTINF_CACHE", str(tmp_path / "cache"))  # the store rank 0 made
+    code, _, err = _cli(capsys, "fit", *model, "--out", tmp_path / "alone", *draws)
+    assert code == 0, err
+    alone = load_file(str(tmp_path / "alone" / "curvature.safetensors"))
+    shared = load_file(str(tmp_path / "shared" / "curvature.safetensors"))
+    assert sorted(shared) == sorted(alone)
+    for key in (k for k in alone if k.endswith(("act_cov", "grad_cov"))):
+        scale = float(alone[key].abs().max())
+        torch.testing.assert_close(shared[key], alone[key], rtol=1e-5, atol=1e-5 * scale)
