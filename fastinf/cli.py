@@ -354,7 +354,7 @@ def _report_details(args, num_train: int, num_queries: int, strategy: str, score
     """What `topk --html` shows above its gallery: what was attributed, and how."""
     scoring = f"index {args.index}" if args.index else "exact"
     return {
-        "model": args.weights or "embedded digits DDPM",
+        "model": args.pipeline or args.weights or "embedded digits DDPM",
         "training set": f"{args.data or 'scikit-learn digits'} ({num_train} images)",
         "queries": args.queries or f"{num_queries} generated (seed {args.seed})",
         "curvature": f"{strategy} ({args.curvature})",
@@ -420,9 +420,17 @@ def _cmd_topk(args) -> int:
             args, len(engine.train_set), queries.shape[0], curvature.config.strategy, score_s
         )
 
+        shown, train_images = queries, engine.train_set
+        if args.pipeline:  # latents are shown through the VAE's decoder
+            decode = args.loaded_pipeline.decode_latents
+            shown = decode(queries)
+
+            def train_images(index: int):
+                return decode(engine.train_set[index][0][None])[0]
+
         def save(path):
             title = f"fastinf top-{args.k} proponents and opponents"
-            write_report(path, queries, result, engine.train_set, title=title, details=details)
+            write_report(path, shown, result, train_images, title=title, details=details)
 
         _save_or_fallback(save, args.html, "report", suffix=".html")
         # With the JSON on stdout, the notice goes to stderr so that stdout stays JSON.
@@ -1082,8 +1090,6 @@ def _check_pipeline_arguments(args: argparse.Namespace) -> None:
                 f"--queries {queries} is a tensor file, which holds no prompts; pass --prompt "
                 "TEXT, or an image folder with metadata.jsonl."
             )
-        if args.html is not None:
-            raise ValueError("--html does not show latent-space results yet; drop it.")
 
 
 def check_arguments(args: argparse.Namespace) -> None:

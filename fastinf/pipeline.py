@@ -83,6 +83,15 @@ class TextToImagePipeline:
         """Latents [N, c, h, w] of images [N, C, H, W] in [-1, 1] (`fastinf.latents`)."""
         return encode_images(self.vae, images, batch_size)
 
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Images [N, C, H, W] in [-1, 1] of latents [N, c, h, w] (the VAE's decoder, for
+        display)."""
+        scale = float(getattr(self.vae.config, "scaling_factor", 1.0))
+        param = next(self.vae.parameters())
+        with torch.no_grad():
+            images = self.vae.decode(latents.to(param.device, param.dtype) / scale).sample
+        return images.clamp(-1.0, 1.0).float().cpu()
+
     def caption_cache(self, directory: str | os.PathLike) -> CaptionCache:
         """A caption cache of this pipeline's text encoder in `directory`."""
         return CaptionCache(directory, self.prompts)

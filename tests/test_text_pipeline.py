@@ -200,10 +200,12 @@ def test_fit_index_topk_on_a_pipeline_folder(folders, tmp_path, capsys, monkeypa
     assert all(0 <= i < 8 for row in result["proponents"]["indices"] for i in row)
     code, out, err = _cli(
         capsys, "topk", *model, "--curvature", curvature, "--queries", folders["queries"],
-        "--index", index, "--k", "2",
+        "--index", index, "--k", "2", "--html", tmp_path / "report.html",
     )  # fmt: skip
     assert code == 0, err
     assert len(json.loads(out)["opponents"]["indices"]) == 2
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 * (1 + 2 + 2)  # decoded queries + top-k
 
 
 def test_lora_fit_on_the_command_line(folders, tmp_path, capsys, monkeypatch):
