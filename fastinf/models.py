@@ -14,6 +14,7 @@ sidecar with the same stem holding the UNet config, the noise schedule and prove
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 DIGITS_WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "digits_unet.safetensors"
+_DIT_MODULE = "diffusers.models.transformers.dit_transformer_2d"
 
 
 class _DiffusersAdapter(nn.Module):
@@ -209,7 +211,9 @@ def as_eps_model(model: nn.Module) -> nn.Module:
         return DiffusersEpsModel(model)
     if isinstance(model, UNet2DConditionModel):
         return DiffusersCrossAttentionEpsModel(model)
-    if isinstance(model, DiTTransformer2DModel):
+    # Looked up only once loaded: importing diffusers' transformer models costs seconds.
+    dit = getattr(sys.modules.get(_DIT_MODULE), "DiTTransformer2DModel", None)
+    if dit is not None and isinstance(model, dit):
         return DiffusersTransformerEpsModel(model)
     if not isinstance(model, nn.Module):
         raise TypeError(
