@@ -194,6 +194,21 @@ def method_table(default_row: dict, family_rows: dict, oracle_row: dict | None) 
     return lines
 
 
+def sweep_table(family_rows: dict) -> list[str]:
+    """Markdown lines: the "Damping sweeps" section, every setting of every family."""
+    lines = [
+        "",
+        "## Damping sweeps",
+        "",
+        "| method | setting | LDS | ± |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, rows in family_rows.items():
+        for row in rows:
+            lines.append(f"| {name} | {_setting(row)} | {row['lds']:.3f} | {row['lds_sem']:.3f} |")
+    return lines
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="") as handle:
@@ -232,16 +247,7 @@ def _write_markdown(
         "",
         *method_table(default_row, family_rows, oracle_row),
     ]
-    lines += [
-        "",
-        "## Damping sweeps",
-        "",
-        "| method | setting | LDS | ± |",
-        "| --- | --- | --- | --- |",
-    ]
-    for name, rows in family_rows.items():
-        for row in rows:
-            lines.append(f"| {name} | {_setting(row)} | {row['lds']:.3f} | {row['lds_sem']:.3f} |")
+    lines += sweep_table(family_rows)
     lines += ["", "## Draws (EK-FAC at its best damping)", "", "| K | K_q | LDS | ± |"]
     lines.append("| --- | --- | --- | --- |")
     for row in k_rows + kq_rows:

@@ -27,7 +27,15 @@ import resource
 import time
 from pathlib import Path
 
-from lds_digits import RESULTS, _best, _default, _setting, _write_csv, method_grid, method_table
+from lds_digits import (
+    RESULTS,
+    _best,
+    _default,
+    _write_csv,
+    method_grid,
+    method_table,
+    sweep_table,
+)
 
 from fastinf.lds import LDSConfig, LDSRun
 
@@ -92,15 +100,8 @@ def run(args) -> dict:
         "",
         f"Untuned EK-FAC / best tuned baseline ({strongest['method']}): **{ratio:.2f}×** "
         f"({'meets' if ratio >= TARGET else 'MISSES'} the ≥ {TARGET} × target).",
-        "",
-        "## Damping sweeps",
-        "",
-        "| method | setting | LDS | ± |",
-        "| --- | --- | --- | --- |",
     ]
-    for name, rows_of in family_rows.items():
-        for row in rows_of:
-            lines.append(f"| {name} | {_setting(row)} | {row['lds']:.3f} | {row['lds_sem']:.3f} |")
+    lines += sweep_table(family_rows)
     lines += ["", "## Time (2-core CPU)", ""]
     lines += [f"- {key}: {value:.0f} s" for key, value in timings.items()]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -190,16 +190,22 @@ class TextToImagePipeline:
         return latents.float().cpu()
 
 
-def _component_class(directory: Path, name: str):
-    library, cls, _ = COMPONENTS[name]
+def _model_index(directory: Path) -> dict:
+    """The pipeline's model_index.json (component → [library, class]); {} without one."""
     index = directory / "model_index.json"
-    if index.is_file():
-        try:
-            entry = json.loads(index.read_text()).get(name)
-        except ValueError as error:
-            raise ValueError(f"{index} is not JSON ({error}); save the pipeline again.") from None
-        if isinstance(entry, list) and len(entry) == 2 and all(entry):
-            library, cls = entry
+    if not index.is_file():
+        return {}
+    try:
+        return json.loads(index.read_text())
+    except ValueError as error:
+        raise ValueError(f"{index} is not JSON ({error}); save the pipeline again.") from None
+
+
+def _component_class(directory: Path, name: str, index: dict):
+    library, cls, _ = COMPONENTS[name]
+    entry = index.get(name)
+    if isinstance(entry, list) and len(entry) == 2 and all(entry):
+        library, cls = entry
     try:
         return getattr(importlib.import_module(library), cls)
     except (ImportError, AttributeError):
@@ -209,15 +215,9 @@ def _component_class(directory: Path, name: str):
         ) from None
 
 
-def _load_component(directory: Path, name: str, device):
+def _load_component(directory: Path, name: str, index: dict, device):
     folder = directory / name
-    if not folder.is_dir():
-        _, _, what = COMPONENTS[name]
-        raise FileNotFoundError(
-            f"pipeline {directory} has no {name}/ folder ({what}); save the whole pipeline "
-            "with save_pretrained, or copy that folder from the pipeline it came from."
-        )
-    cls = _component_class(directory, name)
+    cls = _component_class(directory, name, index)
     try:
         if name == "scheduler":
             return cls.from_pretrained(folder, local_files_only=True)
@@ -276,11 +276,15 @@ def load_pipeline(
             "pipeline's save_pretrained wrote (unet/, vae/, text_encoder/, tokenizer/, "
             "scheduler/)."
         )
-    for name in COMPONENTS:  # name every missing folder before loading anything
+    for name, (_, _, what) in COMPONENTS.items():  # a missing folder before any loading
         if not (directory / name).is_dir():
-            _load_component(directory, name, device)
+            raise FileNotFoundError(
+                f"pipeline {directory} has no {name}/ folder ({what}); save the whole pipeline "
+                "with save_pretrained, or copy that folder from the pipeline it came from."
+            )
+    index = _model_index(directory)
     with quiet_loading():
-        parts = {name: _load_component(directory, name, device) for name in COMPONENTS}
+        parts = {name: _load_component(directory, name, index, device) for name in COMPONENTS}
     scheduler = parts["scheduler"]
     prediction = getattr(scheduler.config, "prediction_type", "epsilon")
     if prediction != "epsilon":

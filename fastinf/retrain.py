@@ -116,6 +116,7 @@ class ModelSpec:
 
 def _train_one(
     spec: ModelSpec,
+    identity: dict,
     dataset: Dataset,
     schedule: NoiseSchedule,
     recipe: RetrainRecipe,
@@ -140,7 +141,7 @@ def _train_one(
         seed=job.seed,
         progress=False,
     )
-    metadata = _job_metadata(schedule, recipe, job) | spec.identity()
+    metadata = _job_metadata(schedule, recipe, job) | identity
     metadata["final_train_loss"] = history.final_loss(50)
     metadata["wall_time_s"] = round(history.wall_time_s, 1)
     if probe is not None:
@@ -196,6 +197,7 @@ class ModelStore:
         self.spec = ModelSpec(
             unet_class, unet_config, None if init is None else str(init), lora_rank
         )
+        self._spec_identity: dict | None = None
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.dataset = dataset
@@ -205,13 +207,20 @@ class ModelStore:
     def path(self, name: str) -> Path:
         return self.directory / f"{name}.safetensors"
 
+    def _identity(self) -> dict:
+        """`spec.identity()`, computed once (it hashes the init weights, which exist by the
+        time a model of this store is checked or trained)."""
+        if self._spec_identity is None:
+            self._spec_identity = self.spec.identity()
+        return self._spec_identity
+
     def is_trained(self, job: RetrainJob) -> bool:
         """Whether `job`'s model is on disk and complete; a mismatching one is an error."""
         path = self.path(job.name)
         if not (path.exists() and path.with_suffix(".json").exists()):
             return False
         sidecar = load_sidecar(path)
-        expected = _job_metadata(self.schedule, self.recipe, job) | self.spec.identity()
+        expected = _job_metadata(self.schedule, self.recipe, job) | self._identity()
         found = {key: sidecar.get(key) for key in expected}
         if found != expected:
             raise ValueError(
@@ -227,7 +236,7 @@ class ModelStore:
         missing = [job for job in jobs if not self.is_trained(job)]
         if not missing:
             return 0
-        args = (self.spec, self.dataset, self.schedule, self.recipe)
+        args = (self.spec, self._identity(), self.dataset, self.schedule, self.recipe)
         with progress_bar(len(missing), "retrain") as bar:
             if num_workers <= 1:
                 for job in missing:

@@ -167,6 +167,7 @@ class CaptionCache:
         self.shard_size = int(shard_size)
         self._where: dict[str, tuple[int, int]] = {}
         self._loaded: tuple[int, Tensor] | None = None
+        self._verified: set[int] = set()  # shards whose SHA-256 matched their record
         self._check_manifest(write=False)
         self._scan()
 
@@ -235,21 +236,26 @@ class CaptionCache:
         return caption_key(caption) in self._where
 
     def states(self, captions: Sequence[str]) -> Tensor:
-        """States [N, L, D] of `captions`; captions not yet cached are encoded once, written
-        as a new shard, and read back like the others."""
+        """States [N, L, D] of `captions`; captions not yet cached are encoded once and
+        written as a new shard (their states are used as encoded, not read back)."""
         captions = _check_captions(captions, "captions")
         keys = [caption_key(caption) for caption in captions]
         pairs = zip(keys, captions, strict=True)
         missing = {key: caption for key, caption in pairs if key not in self._where}
-        if missing:
-            self._add(missing)
+        fresh = self._add(missing) if missing else {}
         rows = torch.empty(len(captions), self.encoder.max_length, self.encoder.width)
-        for position, key in sorted(enumerate(keys), key=lambda pair: self._where[pair[1]]):
+        stored = [(position, key) for position, key in enumerate(keys) if key not in fresh]
+        for position, key in sorted(stored, key=lambda pair: self._where[pair[1]]):
             number, row = self._where[key]
             rows[position] = self._shard(number)[row]
+        for position, key in enumerate(keys):
+            if key in fresh:
+                rows[position] = fresh[key]
         return rows
 
-    def _add(self, missing: dict[str, str]) -> None:
+    def _add(self, missing: dict[str, str]) -> dict[str, Tensor]:
+        """Encode and write the captions not cached yet; returns their states by key."""
+        fresh = {}
         with writer_lock(self.directory, "fastinf caption cache"):
             self._check_manifest(write=True)
             self._scan()  # another process may have added some meanwhile
@@ -262,19 +268,24 @@ class CaptionCache:
                 atomic_write(shard, lambda tmp, s=states: save_file({"states": s}, str(tmp)))
                 record = {"keys": [key for key, _ in chunk], "sha256": file_sha256(shard)}
                 atomic_write_text(shard.with_suffix(".json"), json.dumps(record) + "\n")
+                self._verified.add(number)
                 for row, (key, _) in enumerate(chunk):
                     self._where[key] = (number, row)
+                    fresh[key] = states[row]
+        return fresh
 
     def _shard(self, number: int) -> Tensor:
         if self._loaded is None or self._loaded[0] != number:
             shard = _shard_path(self.directory, number)
-            record = self._record(number)
-            if not shard.exists() or file_sha256(shard) != record.get("sha256"):
-                raise ArtifactCorruptError(
-                    f"caption-cache shard {shard} is missing or altered (SHA-256 differs from "
-                    "its record); delete it and its .json record, and those captions are "
-                    "encoded again."
-                )
+            if number not in self._verified:  # each shard's bytes are checked once
+                record = self._record(number)
+                if not shard.exists() or file_sha256(shard) != record.get("sha256"):
+                    raise ArtifactCorruptError(
+                        f"caption-cache shard {shard} is missing or altered (SHA-256 differs "
+                        "from its record); delete it and its .json record, and those captions "
+                        "are encoded again."
+                    )
+                self._verified.add(number)
             self._loaded = (number, load_file(str(shard))["states"])
         return self._loaded[1]
 
